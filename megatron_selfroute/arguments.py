@@ -1,0 +1,273 @@
+"""Megatron-style command-line flags generated from `config.py`, aliases, and validation.
+
+Every dataclass field becomes `--kebab-case-name`. Megatron-DeepSpeed spellings are accepted as
+aliases with their own meaning, translated once here:
+
+- `--expert-interval N` -> `--moe-layer-freq` pattern with MoE in blocks N-1, 2N-1, ...
+  (core's `--moe-layer-freq N` puts MoE in blocks 0, N, 2N, ...)
+- `--topk K` -> `--moe-router-topk K` (Meg-DS defaults to 1; this project to 2)
+- `--moe-loss-coeff C` -> `--moe-aux-loss-coeff C` (Meg-DS defaults to 0.1; this project to 0)
+- `--moe-expert-parallel-size P` -> `--expert-model-parallel-size P`
+- `--moe-train-capacity-factor F` -> `--moe-expert-capacity-factor F`
+- `--disable-moe-token-dropping` -> capacity factor unset (dropless)
+- `--moe-dispatcher T` -> `--moe-token-dispatcher-type T`
+- `--deepspeed_config F` -> `--deepspeed-config F`; `--deepspeed` is accepted (always DeepSpeed)
+- `--local_rank R` -> `--local-rank R`
+
+Giving an alias and its core flag with different values is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Optional, Sequence
+
+from megatron_selfroute.config import SECTIONS, Config, parse_layer_freq
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination; its message is one line naming the flags."""
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> tuple[Any, bool]:
+    """(python type, is_bool) from a field's string annotation."""
+    t = str(f.type).replace("Optional[", "").rstrip("]")
+    if t == "bool":
+        return bool, True
+    if t == "list":
+        return str, False
+    return _TYPES[t], False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] = ()) -> None:
+    """Add one flag per config field (all sections unless `sections` is given) plus aliases."""
+    for sec_name, sec_cls in SECTIONS.items():
+        if sections and sec_name not in sections:
+            continue
+        group = parser.add_argument_group(sec_name)
+        for f in dataclasses.fields(sec_cls):
+            meta = f.metadata
+            typ, is_bool = _field_type(f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{meta['help']} (default: {default})"
+            kw: dict[str, Any] = {"dest": f"{sec_name}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": help_text}
+            if is_bool:
+                group.add_argument(_flag(f.name), action="store_true", **kw)
+                continue
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            if "nargs" in meta:
+                kw["nargs"] = meta["nargs"]
+            group.add_argument(_flag(f.name), type=typ, **kw)
+    _add_aliases(parser)
+
+
+def _add_aliases(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Megatron-DeepSpeed aliases")
+    s = argparse.SUPPRESS
+    g.add_argument("--expert-interval", type=int, dest="alias.expert_interval", default=s,
+                   help="Meg-DS placement: MoE in blocks N-1, 2N-1, ...")
+    g.add_argument("--topk", type=int, dest="alias.topk", default=s,
+                   help="Alias of --moe-router-topk.")
+    g.add_argument("--moe-loss-coeff", type=float, dest="alias.moe_loss_coeff", default=s,
+                   help="Alias of --moe-aux-loss-coeff.")
+    g.add_argument("--moe-expert-parallel-size", type=int, dest="alias.ep_size", default=s,
+                   help="Alias of --expert-model-parallel-size.")
+    g.add_argument("--moe-train-capacity-factor", type=float, dest="alias.capacity", default=s,
+                   help="Alias of --moe-expert-capacity-factor.")
+    g.add_argument("--disable-moe-token-dropping", action="store_true", default=s,
+                   dest="alias.dropless", help="Dropless routing (capacity factor unset).")
+    g.add_argument("--moe-dispatcher", dest="alias.dispatcher", default=s,
+                   choices=["alltoall", "deepspeed"], help="Alias of --moe-token-dispatcher-type.")
+    g.add_argument("--deepspeed_config", dest="alias.ds_config", default=s,
+                   help="Alias of --deepspeed-config.")
+    g.add_argument("--deepspeed", action="store_true", dest="alias.deepspeed", default=s,
+                   help="Accepted for the DeepSpeed launcher; DeepSpeed is always the engine.")
+    g.add_argument("--local_rank", type=int, dest="alias.local_rank", default=s,
+                   help="Alias of --local-rank (set by the deepspeed launcher).")
+
+
+# alias dest -> (section, field, core flag, alias flag)
+_SIMPLE_ALIASES = {
+    "topk": ("moe", "moe_router_topk", "--moe-router-topk", "--topk"),
+    "moe_loss_coeff": ("moe", "moe_aux_loss_coeff", "--moe-aux-loss-coeff", "--moe-loss-coeff"),
+    "ep_size": ("parallel", "expert_model_parallel_size", "--expert-model-parallel-size",
+                "--moe-expert-parallel-size"),
+    "capacity": ("moe", "moe_expert_capacity_factor", "--moe-expert-capacity-factor",
+                 "--moe-train-capacity-factor"),
+    "dispatcher": ("moe", "moe_token_dispatcher_type", "--moe-token-dispatcher-type",
+                   "--moe-dispatcher"),
+    "ds_config": ("parallel", "deepspeed_config", "--deepspeed-config", "--deepspeed_config"),
+    "local_rank": ("parallel", "local_rank", "--local-rank", "--local_rank"),
+}
+
+
+def _set_once(given: dict, sec: str, name: str, value: Any, core: str, alias: str) -> None:
+    key = (sec, name)
+    if key in given and given[key] != value:
+        raise ConfigError(f"{alias} {value} conflicts with {core} {given[key]}")
+    given[key] = value
+
+
+def namespace_to_config(ns: argparse.Namespace, base: Optional[Config] = None) -> Config:
+    """Build a Config from parsed flags: defaults (or `base`), then given flags, then aliases."""
+    given: dict[tuple[str, str], Any] = {}
+    aliases: dict[str, Any] = {}
+    for key, value in vars(ns).items():
+        if "." not in key:
+            continue
+        sec, name = key.split(".", 1)
+        if sec == "alias":
+            aliases[name] = value
+        else:
+            given[(sec, name)] = value
+    for dest, (sec, name, core, alias) in _SIMPLE_ALIASES.items():
+        if dest in aliases:
+            _set_once(given, sec, name, aliases[dest], core, alias)
+    if aliases.get("dropless"):
+        if given.get(("moe", "moe_expert_capacity_factor")) is not None:
+            raise ConfigError(
+                "--disable-moe-token-dropping conflicts with a capacity factor "
+                f"({given[('moe', 'moe_expert_capacity_factor')]})"
+            )
+        given[("moe", "moe_expert_capacity_factor")] = None
+    if "expert_interval" in aliases:
+        n = aliases["expert_interval"]
+        if n < 1:
+            raise ConfigError(f"--expert-interval {n} must be >= 1")
+        layers = given.get(("model", "num_layers"), (base or Config()).model.num_layers)
+        pattern = [1 if i % n == n - 1 else 0 for i in range(layers)]
+        _set_once(given, "moe", "moe_layer_freq", str(pattern), "--moe-layer-freq",
+                  "--expert-interval")
+    cfg = dataclasses.replace(base) if base else Config()
+    cfg = Config.from_dict(cfg.to_dict())  # deep copy
+    for (sec, name), value in given.items():
+        setattr(getattr(cfg, sec), name, value)
+    return cfg
+
+
+def build_parser(description: str = "", sections: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An ArgumentParser with every config flag (and aliases)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(parser, sections)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "",
+               extra: Optional[Any] = None) -> tuple[Config, argparse.Namespace]:
+    """Parse argv into a validated Config (plus the namespace for script-specific extras)."""
+    parser = build_parser(description)
+    if extra is not None:
+        extra(parser)
+    ns = parser.parse_args(argv)
+    cfg = namespace_to_config(ns)
+    validate(cfg)
+    return cfg, ns
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check every cross-field rule once, before heavy work; raise ConfigError naming the flags."""
+    m, tr = cfg.model, cfg.train
+    if m.hidden_size % m.num_attention_heads != 0:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} does not divide "
+                          f"--hidden-size {m.hidden_size}")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(m, name)}")
+    if m.positions < m.seq_length:
+        raise ConfigError(f"--max-position-embeddings {m.positions} < --seq-length {m.seq_length}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1), got {getattr(m, name)}")
+    if tr.bf16 and tr.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if tr.micro_batch_size < 1:
+        raise ConfigError(f"--micro-batch-size must be >= 1, got {tr.micro_batch_size}")
+    if tr.global_batch_size is not None:
+        per_step = tr.micro_batch_size * world_size
+        if tr.global_batch_size % per_step != 0:
+            raise ConfigError(
+                f"--global-batch-size {tr.global_batch_size} is not divisible by "
+                f"--micro-batch-size {tr.micro_batch_size} x {world_size} data-parallel processes"
+            )
+    if tr.train_iters is not None and tr.train_samples is not None:
+        raise ConfigError("--train-iters and --train-samples are mutually exclusive")
+    _validate_moe(cfg, world_size)
+
+
+def _validate_moe(cfg: Config, world_size: int) -> None:
+    from megatron_selfroute.moe.router import ROUTERS
+
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    if moe.router_type not in ROUTERS:
+        raise ConfigError(f"--router-type {moe.router_type!r} is unknown; choose one of "
+                          f"{', '.join(ROUTERS)}")
+    if not moe.is_moe:
+        if par.expert_model_parallel_size != 1:
+            raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
+        return
+    n, k = moe.num_experts, moe.moe_router_topk
+    if n < 1:
+        raise ConfigError(f"--num-experts must be >= 1, got {n}")
+    if not 1 <= k <= n:
+        raise ConfigError(f"--moe-router-topk {k} must be between 1 and --num-experts {n}")
+    try:
+        pattern = parse_layer_freq(moe.moe_layer_freq, m.num_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    num_moe = sum(pattern)
+    if num_moe == 0:
+        raise ConfigError(f"--moe-layer-freq {moe.moe_layer_freq} places no MoE layer in "
+                          f"{m.num_layers} blocks")
+    if moe.router_type == "self":
+        if n > m.hidden_size:
+            raise ConfigError(f"--router-type self needs --num-experts {n} <= --hidden-size "
+                              f"{m.hidden_size} (logits are hidden coordinates)")
+        if moe.self_route_dims == "per-layer" and n * num_moe > m.hidden_size:
+            raise ConfigError(
+                f"--self-route-dims per-layer needs --num-experts {n} x {num_moe} MoE layers "
+                f"= {n * num_moe} <= --hidden-size {m.hidden_size}"
+            )
+    elif moe.self_route_dims != "last":
+        raise ConfigError(f"--self-route-dims {moe.self_route_dims} applies only to "
+                          f"--router-type self, not {moe.router_type}")
+    if moe.fixed_random_shared and moe.router_type != "fixed-random":
+        raise ConfigError("--fixed-random-shared applies only to --router-type fixed-random")
+    if k == 1 and not moe.moe_router_pre_softmax and moe.router_type != "random":
+        raise ConfigError(
+            f"--moe-router-topk 1 with --router-type {moe.router_type} needs "
+            "--moe-router-pre-softmax (softmax over one selected logit is always 1: no router "
+            "gradient)"
+        )
+    if moe.moe_expert_capacity_factor is not None and moe.moe_expert_capacity_factor <= 0:
+        raise ConfigError(f"--moe-expert-capacity-factor must be > 0, got "
+                          f"{moe.moe_expert_capacity_factor}")
+    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        if getattr(moe, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(moe, name)}")
+    ep = par.expert_model_parallel_size
+    if ep < 1 or n % ep != 0:
+        raise ConfigError(f"--num-experts {n} is not divisible by --expert-model-parallel-size "
+                          f"{ep}")
+    if world_size % ep != 0:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {world_size} "
+                          "processes")
+    if par.zero_stage == 3:
+        raise ConfigError("--zero-stage 3 is not supported with DeepSpeed-native MoE layers "
+                          "(use --zero-stage 0, 1 or 2)")
+
+
+def exit_on_config_error(err: Exception) -> None:
+    """Print a one-line error and exit 2 (the CLI convention for bad flags)."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,287 @@
+"""Configuration dataclasses: one per concern, each field declared once.
+
+Command-line flags are generated from these fields (`--kebab-case` of the field name) by
+`megatron_selfroute.arguments`; modules receive their own sub-config, never a global `args`.
+A field's `metadata["help"]` is its one-line description and the flag's help text.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def arg(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its flag help (and optional `choices`, `nargs`, `flag`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _eval_pattern(node: ast.AST) -> Any:
+    """Evaluate a pattern expression made only of int/list literals, + and *."""
+    if isinstance(node, ast.Expression):
+        return _eval_pattern(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.List):
+        return [_eval_pattern(e) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _eval_pattern(node.left), _eval_pattern(node.right)
+        return left + right if isinstance(node.op, ast.Add) else left * right
+    raise ValueError("only 0/1 lists, + and * are allowed")
+
+
+def parse_layer_freq(freq: str | int, num_layers: int) -> list[int]:
+    """Turn --moe-layer-freq (an int N, or a 0/1 pattern expression) into one flag per block."""
+    text = str(freq).strip()
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise ValueError(f"--moe-layer-freq {text} must be >= 1")
+        return [1 if i % n == 0 else 0 for i in range(num_layers)]
+    try:
+        pattern = _eval_pattern(ast.parse(text, mode="eval"))
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"--moe-layer-freq {text!r} is not an int or a 0/1 pattern ({e})"
+                         ) from None
+    if not isinstance(pattern, list) or any(v not in (0, 1) for v in pattern):
+        raise ValueError(f"--moe-layer-freq {text!r} must give a list of 0s and 1s")
+    if len(pattern) != num_layers:
+        raise ValueError(
+            f"--moe-layer-freq {text!r} has {len(pattern)} entries but --num-layers is {num_layers}"
+        )
+    return pattern
+
+
+@dataclass
+class ModelConfig:
+    """Transformer backbone shape and options (GPT-2 conventions by default)."""
+
+    num_layers: int = arg(12, "Number of transformer blocks.")
+    hidden_size: int = arg(768, "Hidden size D.")
+    num_attention_heads: int = arg(12, "Attention heads; must divide --hidden-size.")
+    ffn_hidden_size: Optional[int] = arg(None, "Dense MLP hidden size (default 4 x hidden).")
+    seq_length: int = arg(1024, "Training sequence length.")
+    max_position_embeddings: Optional[int] = arg(
+        None, "Learned position table size (default --seq-length)."
+    )
+    vocab_size: Optional[int] = arg(
+        None, "Unpadded vocabulary size (normally taken from the tokenizer)."
+    )
+    make_vocab_size_divisible_by: int = arg(
+        128, "Pad the vocabulary to a multiple of this (Megatron; 50257 -> 50304)."
+    )
+    hidden_dropout: float = arg(0.0, "Dropout on residual branches and embeddings.")
+    attention_dropout: float = arg(0.0, "Dropout on attention probabilities.")
+    init_method_std: float = arg(0.02, "Std of the normal weight initialisation.")
+    disable_bias_linear: bool = arg(False, "Bias-free linear layers (the paper's setting).")
+    disable_bias_layernorm: bool = arg(
+        False, "Bias-free LayerNorm (the paper's setting; gain only)."
+    )
+    layernorm_epsilon: float = arg(1e-5, "LayerNorm epsilon.")
+    untie_embeddings_and_output_weights: bool = arg(
+        False, "Separate output layer instead of the tied input embedding."
+    )
+    gelu_approximation: str = arg(
+        "tanh", "GELU form: tanh (GPT-2) or none (exact erf).", choices=["tanh", "none"]
+    )
+    recompute_activations: bool = arg(
+        False, "Recompute each transformer block in the backward pass (saves memory)."
+    )
+
+    @property
+    def ffn_size(self) -> int:
+        """Dense MLP hidden size, defaulting to 4 x hidden."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to --make-vocab-size-divisible-by (extra rows never predicted)."""
+        if self.vocab_size is None:
+            raise ValueError("vocab size unknown: pass --vocab-size or a tokenizer")
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def positions(self) -> int:
+        """Rows of the learned position table."""
+        return self.max_position_embeddings or self.seq_length
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts placement, routing and dispatch."""
+
+    num_experts: Optional[int] = arg(None, "Experts per MoE layer; unset = dense model.")
+    moe_router_topk: int = arg(2, "Experts per token k (the paper: 2).")
+    moe_ffn_hidden_size: Optional[int] = arg(None, "Expert MLP hidden size (default FFN size).")
+    moe_layer_freq: str = arg(
+        "1",
+        "MoE placement: N puts MoE in blocks i with i %% N == 0, or a 0/1 pattern per block "
+        "such as '[0,1]*6' or '([1]*3+[0])*3'.",
+    )
+    router_type: str = arg("self", "Router: self | learned | fixed-random | random.")
+    moe_router_pre_softmax: bool = arg(
+        False, "Softmax over all N experts, then top-k (default: softmax over the k selected)."
+    )
+    moe_aux_loss_coeff: float = arg(0.0, "Switch load-balancing loss coefficient (paper: 0).")
+    moe_z_loss_coeff: float = arg(0.0, "Router z-loss coefficient.")
+    self_route_dims: str = arg(
+        "last",
+        "Self-routing coordinates: last N (paper), first N, or per-layer disjoint blocks.",
+        choices=["last", "first", "per-layer"],
+    )
+    fixed_random_shared: bool = arg(
+        False, "fixed-random: one projection shared by all MoE layers."
+    )
+    moe_expert_capacity_factor: Optional[float] = arg(
+        None, "Expert capacity factor; unset = dropless."
+    )
+    moe_token_drop_policy: str = arg(
+        "probs", "Which routes to drop over capacity: lowest probs or latest position.",
+        choices=["probs", "position"],
+    )
+    moe_token_dispatcher_type: str = arg(
+        "alltoall",
+        "alltoall: padding-free uneven all-to-all; deepspeed: DeepSpeed MOELayer (reference).",
+        choices=["alltoall", "deepspeed"],
+    )
+    moe_grouped_gemm: str = arg(
+        "auto", "Expert compute: auto | loop | grouped (torch._grouped_mm, bf16 on GPU).",
+        choices=["auto", "loop", "grouped"],
+    )
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the model has MoE layers."""
+        return bool(self.num_experts)
+
+    def layer_pattern(self, num_layers: int) -> list[int]:
+        """1 for each block that is an MoE layer (Megatron core's --moe-layer-freq semantics)."""
+        if not self.is_moe:
+            return [0] * num_layers
+        pattern = parse_layer_freq(self.moe_layer_freq, num_layers)
+        return pattern
+
+
+@dataclass
+class ParallelConfig:
+    """Distributed layout and engine."""
+
+    expert_model_parallel_size: int = arg(1, "Expert-parallel group size P (divides experts).")
+    zero_stage: int = arg(0, "ZeRO stage 0, 1 or 2.", choices=[0, 1, 2, 3])
+    deepspeed_config: Optional[str] = arg(None, "DeepSpeed JSON merged with the flags.")
+    local_rank: Optional[int] = arg(None, "Set by launchers; read from LOCAL_RANK otherwise.")
+    distributed_backend: Optional[str] = arg(
+        None, "nccl or gloo (default: nccl with CUDA, else gloo).", choices=["nccl", "gloo"]
+    )
+    distributed_timeout_minutes: float = arg(10.0, "Collective timeout before ranks give up.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpointing."""
+
+    micro_batch_size: int = arg(4, "Samples per process per micro-batch.")
+    global_batch_size: Optional[int] = arg(
+        None, "Samples per step over all processes (accumulation derived)."
+    )
+    train_iters: Optional[int] = arg(None, "Optimizer steps to train.")
+    train_samples: Optional[int] = arg(None, "Samples to train (alternative to --train-iters).")
+    lr: float = arg(6e-4, "Peak learning rate.")
+    min_lr: float = arg(0.0, "Final learning rate.")
+    lr_decay_style: str = arg("cosine", "LR decay.", choices=["cosine", "linear", "constant"])
+    lr_warmup_iters: int = arg(0, "Linear warm-up steps.")
+    lr_decay_iters: Optional[int] = arg(None, "Steps over which to decay (default train iters).")
+    weight_decay: float = arg(0.1, "AdamW weight decay (not on biases and norms).")
+    adam_beta1: float = arg(0.9, "Adam beta1.")
+    adam_beta2: float = arg(0.95, "Adam beta2.")
+    adam_eps: float = arg(1e-8, "Adam epsilon.")
+    clip_grad: float = arg(1.0, "Global gradient-norm clip (0 = off).")
+    bf16: bool = arg(False, "bfloat16 training.")
+    fp16: bool = arg(False, "float16 training with loss scaling (GPU only).")
+    seed: int = arg(1234, "Random seed (model init, data order, dropout, routers).")
+    deterministic: bool = arg(False, "Deterministic CUDA kernels (bit-exact resume on GPU).")
+    log_interval: int = arg(10, "Steps between log lines.")
+    eval_interval: int = arg(1000, "Steps between validation runs.")
+    eval_iters: int = arg(10, "Validation micro-batches per evaluation.")
+    save: Optional[str] = arg(None, "Checkpoint directory to write.")
+    load: Optional[str] = arg(None, "Checkpoint directory to resume from.")
+    save_interval: Optional[int] = arg(None, "Steps between checkpoints.")
+    no_load_optim: bool = arg(False, "Do not load optimizer state on resume.")
+    no_load_rng: bool = arg(False, "Do not load RNG state on resume.")
+    finetune: bool = arg(False, "Load weights only; reset iteration, optimizer and data.")
+    tensorboard_dir: Optional[str] = arg(None, "TensorBoard event directory.")
+    wandb_project: Optional[str] = arg(None, "Weights & Biases project (optional).")
+    exit_interval: Optional[int] = arg(None, "Save and exit when iteration %% N == 0.")
+    exit_duration_in_mins: Optional[float] = arg(None, "Save and exit after this wall time.")
+    exit_signal_handler: bool = arg(False, "Save and exit cleanly on SIGTERM.")
+    skip_nan_steps: int = arg(0, "Skip up to N steps with NaN/Inf loss instead of stopping.")
+    timing_log_level: int = arg(0, "Timers: 0 none, 1 step phases, 2 fine-grained.")
+    profile: bool = arg(False, "Record a torch profiler trace over --profile-step-start..end.")
+    profile_step_start: int = arg(10, "First profiled step.")
+    profile_step_end: int = arg(12, "Last profiled step.")
+    peak_tflops: Optional[float] = arg(
+        None, "Peak TFLOP/s of one device for MFU (default per detected device)."
+    )
+    debug: bool = arg(False, "Show full tracebacks on errors.")
+
+
+@dataclass
+class DataConfig:
+    """Data sources and tokenizer."""
+
+    data_path: list = arg([], "Prefixes of .bin/.idx data, optionally weighted: 0.7 A 0.3 B.",
+                          nargs="*")
+    split: str = arg("969,30,1", "Train,valid,test document split weights.")
+    data_cache_path: Optional[str] = arg(None, "Where index caches go (default beside data).")
+    mock_data: bool = arg(False, "Synthetic random tokens instead of --data-path.")
+    tokenizer_type: str = arg(
+        "GPT2BPETokenizer", "Tokenizer.",
+        choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
+                 "NullTokenizer"],
+    )
+    vocab_file: Optional[str] = arg(None, "GPT-2 encoder.json (default: bundled).")
+    merge_file: Optional[str] = arg(None, "GPT-2 vocab.bpe merges (default: bundled).")
+    tokenizer_model: Optional[str] = arg(
+        None, "SentencePiece .model, HF tokenizer dir, or a .tiktoken file."
+    )
+    reset_position_ids: bool = arg(False, "Restart positions after each end-of-document.")
+    reset_attention_mask: bool = arg(False, "Block attention across documents.")
+    eod_mask_loss: bool = arg(False, "No loss on end-of-document targets.")
+    num_workers: int = arg(1, "Data loader worker processes.")
+
+
+@dataclass
+class Config:
+    """The resolved configuration of a run (saved with every checkpoint)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Inverse of to_dict; unknown keys are an error (a checkpoint from another version)."""
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = f.default_factory  # type: ignore[misc]
+            known = {x.name for x in dataclasses.fields(sub_cls)}
+            sub = d.get(f.name, {})
+            unknown = set(sub) - known
+            if unknown:
+                raise ValueError(f"config section '{f.name}' has unknown keys {sorted(unknown)}")
+            parts[f.name] = sub_cls(**sub)
+        return cls(**parts)
+
+
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
+            "train": TrainConfig, "data": DataConfig}

@@ -1,0 +1,143 @@
+"""GPT-2 language model, dense or MoE, written for one device (parallelism is applied outside).
+
+Conventions: learned absolute positions, pre-LayerNorm blocks, GELU (tanh approximation by
+default), output layer tied to the input embedding unless --untie-embeddings-and-output-weights,
+vocabulary padded to a multiple of --make-vocab-size-divisible-by. The padded rows exist (they
+count as parameters, as in the paper) but are never predicted: logits are sliced to the
+tokenizer's vocabulary before any softmax, in training, evaluation and export alike.
+
+Initialisation is a pure function of (seed, parameter name) — expert names use global expert ids —
+so every process count and expert-parallel layout starts from the same model.
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_selfroute.config import Config
+from megatron_selfroute.models.transformer import MLP, Block, layer_norm
+from megatron_selfroute.moe.layer import MoELayer
+from megatron_selfroute.moe.router import mix_seed
+
+_EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+@dataclass
+class GPTOutput:
+    """Model outputs: logits [B, S, V] (when no labels), per-token loss [B, S], router loss."""
+
+    logits: Optional[Tensor]
+    loss: Optional[Tensor]
+    aux_loss: Tensor
+
+
+class GPTModel(nn.Module):
+    """GPT-2 with Hugging Face parameter names (`transformer.h.{i}.attn.c_attn.weight`, ...)."""
+
+    def __init__(self, cfg: Config, ep_size: int = 1, init: bool = True) -> None:
+        super().__init__()
+        m, moe = cfg.model, cfg.moe
+        self.cfg = cfg
+        self.vocab_size = m.vocab_size
+        self.pattern = moe.layer_pattern(m.num_layers)
+        blocks = []
+        moe_index = 0
+        for i, is_moe in enumerate(self.pattern):
+            if is_moe:
+                mlp = MoELayer(m, moe, i, moe_index, ep_size, cfg.train.seed)
+                moe_index += 1
+            else:
+                mlp = MLP(m.hidden_size, m.ffn_size, not m.disable_bias_linear,
+                          m.gelu_approximation)
+            blocks.append(Block(m, mlp))
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(m.padded_vocab_size, m.hidden_size),
+            wpe=nn.Embedding(m.positions, m.hidden_size),
+            drop=nn.Dropout(m.hidden_dropout),
+            h=nn.ModuleList(blocks),
+            ln_f=layer_norm(m),
+        ))
+        self.lm_head = nn.Linear(m.hidden_size, m.padded_vocab_size, bias=False)
+        if not m.untie_embeddings_and_output_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.recompute = m.recompute_activations
+        if init:
+            self.init_weights(cfg.train.seed)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in block order."""
+        return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoELayer)]
+
+    def init_weights(self, seed: int) -> None:
+        """Seeded per parameter name: normal(std) weights, std/sqrt(2L) on residual outputs."""
+        m = self.cfg.model
+        std, out_std = m.init_method_std, m.init_method_std / math.sqrt(2 * m.num_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                canonical = name
+                match = _EXPERT_RE.search(name)
+                if match:  # local expert id -> global expert id
+                    layer = self._layer_of(name)
+                    global_id = layer.ep_rank * layer.num_local_experts + int(match.group(1))
+                    canonical = _EXPERT_RE.sub(f"deepspeed_experts.{global_id}.", name)
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                    p.fill_(1.0)
+                else:
+                    s = out_std if name.endswith("c_proj.weight") else std
+                    gen = torch.Generator().manual_seed(
+                        mix_seed(seed, zlib.crc32(canonical.encode())))
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+
+    def _layer_of(self, name: str) -> MoELayer:
+        idx = int(name.split(".")[2])
+        return self.transformer.h[idx].mlp
+
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                token_index: Optional[Tensor] = None, iteration: int = 0) -> GPTOutput:
+        """input_ids [B, S]; attention_mask optional bool [B, 1, S, S] (True = attend);
+        token_index [B, S] global token positions for the random router (default arange)."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(input_ids)
+                                  + self.transformer.wpe(position_ids))
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.transformer.h:
+            if self.recompute and self.training:
+                x, a = checkpoint(block, x, attention_mask, token_index, iteration,
+                                  use_reentrant=False)
+            else:
+                x, a = block(x, attention_mask, token_index, iteration)
+            aux = aux + a
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)[..., : self.vocab_size]
+        if labels is None:
+            return GPTOutput(logits, None, aux)
+        loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), labels.reshape(-1),
+                               reduction="none").view(b, s)
+        return GPTOutput(None, loss, aux)
+
+    def routing_counts(self) -> tuple[Tensor, Tensor]:
+        """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
+        layers = self.moe_layers
+        counts = torch.stack([lay.last_tokens_per_expert for lay in layers])
+        dropped = torch.stack([lay.last_dropped for lay in layers])
+        return counts, dropped
+
+
+def num_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in seen.values())

@@ -1,0 +1,86 @@
+"""GPT-2-style transformer pieces written for one device (no torch.distributed here).
+
+Parameter names follow Hugging Face GPT-2 (`ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`,
+`mlp.c_fc`, `mlp.c_proj`) so checkpoints map one-to-one; weights are `nn.Linear` layout
+([out, in]), the transpose of Hugging Face's `Conv1D`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron_selfroute.config import ModelConfig
+
+
+def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    """LayerNorm with or without bias (--disable-bias-layernorm)."""
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon,
+                        bias=not cfg.disable_bias_layernorm)
+
+
+class MLP(nn.Module):
+    """Feed-forward block (also one expert): c_fc -> GELU -> c_proj."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, bias: bool,
+                 gelu_approximation: str = "tanh") -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.c_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
+        self.gelu_approximation = gelu_approximation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximation))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        bias = not cfg.disable_bias_linear
+        self.num_heads = cfg.num_attention_heads
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=bias)
+        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
+        self.attn_dropout = cfg.attention_dropout
+        self.resid_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        b, s, d = x_BSD.shape
+        q, k, v = self.c_attn(x_BSD).split(d, dim=2)
+        # [B, S, D] -> [B, heads, S, D/heads]
+        q, k, v = (t.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
+                   for t in (q, k, v))
+        drop = self.attn_dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:  # attn_mask: bool [B, 1, S, S], True = may attend (already causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        y = y.transpose(1, 2).contiguous().view(b, s, d)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block whose MLP is dense or an MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+        super().__init__()
+        self.ln_1 = layer_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = layer_norm(cfg)
+        self.mlp = mlp
+        self.is_moe = not isinstance(mlp, MLP)
+        self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor], token_index: Optional[Tensor],
+                iteration: int) -> tuple[Tensor, Tensor]:
+        """Returns the new residual stream and this block's router losses (0 for dense)."""
+        x_BSD = x_BSD + self.attn(self.ln_1(x_BSD), attn_mask)
+        h_BSD = self.ln_2(x_BSD)
+        if self.is_moe:
+            y_BSD, aux = self.mlp(h_BSD, token_index, iteration)
+        else:
+            y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
+        return x_BSD + self.mlp_dropout(y_BSD), aux

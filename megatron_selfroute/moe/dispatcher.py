@@ -1,0 +1,180 @@
+"""Token dispatchers: move routed tokens to their experts and the results back.
+
+Only this module knows about process groups. Two implementations sit behind one seam:
+
+- `AllToAllDispatcher` (default, `--moe-token-dispatcher-type alltoall`): padding-free and
+  dropless-capable. Routes are permuted locally so each expert's rows are contiguous, the per-expert
+  counts are exchanged, rows travel with one uneven all-to-all over the expert-parallel group,
+  local experts run on their row blocks, and the reverse all-to-all + unpermute + weighted sum
+  brings them home. Cost is proportional to the routed tokens, whatever the imbalance.
+- `DeepSpeedGateAdapter` feeds DeepSpeed's own `MOELayer` (the reference path,
+  `--moe-token-dispatcher-type deepspeed`) with this project's routing decision in DeepSpeed's
+  7-tuple form. DeepSpeed pads every expert to a common capacity (the most-loaded expert when
+  dropless), so its cost grows with imbalance.
+
+Autograd runs through every step of both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megatron_selfroute.moe.router import RouterOutput
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all_to_all_single whose backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+        ctx.group, ctx.send_splits, ctx.recv_splits = group, send_splits, recv_splits
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        back = grad.new_empty((sum(ctx.send_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send_splits, ctx.recv_splits,
+                               group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: Tensor, group, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+    """Differentiable uneven all-to-all of rows of `x`."""
+    return _AllToAll.apply(x, group, send_splits, recv_splits)
+
+
+@dataclass
+class DispatchState:
+    """What combine() needs to undo dispatch()."""
+
+    token_of_route_R: Tensor  # source token of each kept route, in expert-sorted order
+    probs_R: Tensor  # fp32 weight of each kept route, same order
+    num_tokens: int
+    send_splits: Optional[list[int]] = None
+    recv_splits: Optional[list[int]] = None
+    regroup: Optional[Tensor] = None  # received (rank, expert) order -> (expert, rank) order
+
+
+class AllToAllDispatcher:
+    """Padding-free dispatch over an expert-parallel group of size P (P = 1: local only)."""
+
+    def __init__(self, num_experts: int, num_local_experts: int, ep_group=None,
+                 ep_size: int = 1) -> None:
+        self.num_experts = num_experts
+        self.num_local_experts = num_local_experts
+        self.ep_group = ep_group
+        self.ep_size = ep_size
+        self.last_sent_rows = 0  # rows sent to other ranks in the last dispatch (for benchmarks)
+
+    def dispatch(self, x_TD: Tensor, routing: RouterOutput) -> tuple[Tensor, list[int],
+                                                                     DispatchState]:
+        """Rows for this rank's local experts, grouped by local expert, and their counts."""
+        num_tokens, k = routing.ids_TK.shape
+        ids_R = routing.ids_TK.reshape(-1)
+        probs_R = routing.probs_TK.reshape(-1)
+        token_R = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
+        if routing.keep_TK is not None:
+            kept = routing.keep_TK.reshape(-1)
+            ids_R, probs_R, token_R = ids_R[kept], probs_R[kept], token_R[kept]
+        order = torch.argsort(ids_R, stable=True)
+        token_R, probs_R = token_R[order], probs_R[order]
+        counts_E = torch.bincount(ids_R, minlength=self.num_experts)
+        x_RD = x_TD.index_select(0, token_R)  # rows contiguous per global expert
+        state = DispatchState(token_R, probs_R, num_tokens)
+        if self.ep_size == 1:
+            return x_RD, counts_E.tolist(), state
+        p, n_loc = self.ep_size, self.num_local_experts
+        # Exchange counts: recv_PL[r, e] = rows rank r sends to my local expert e.
+        recv_PL = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_PL, counts_E, group=self.ep_group)
+        recv_PL = recv_PL.view(p, n_loc)
+        send_splits = counts_E.view(p, n_loc).sum(1).tolist()
+        recv_splits = recv_PL.sum(1).tolist()
+        my_rank = dist.get_rank(self.ep_group)
+        self.last_sent_rows = sum(send_splits) - send_splits[my_rank]
+        x_RD = all_to_all(x_RD, self.ep_group, send_splits, recv_splits)
+        # Received rows are ordered (source rank, local expert); regroup to (local expert, rank).
+        block_sizes = recv_PL.reshape(-1)
+        block_ids = torch.arange(p * n_loc, device=x_TD.device).repeat_interleave(block_sizes)
+        expert_major = (block_ids % n_loc) * p + block_ids // n_loc
+        regroup = torch.argsort(expert_major, stable=True)
+        state.send_splits, state.recv_splits, state.regroup = send_splits, recv_splits, regroup
+        return x_RD.index_select(0, regroup), recv_PL.sum(0).tolist(), state
+
+    def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
+        """Weighted sum of each token's expert outputs, back in token order ([T, D])."""
+        if self.ep_size > 1:
+            inverse = torch.empty_like(state.regroup)
+            inverse[state.regroup] = torch.arange(state.regroup.numel(), device=y_RD.device)
+            y_RD = all_to_all(y_RD.index_select(0, inverse), self.ep_group,
+                              state.recv_splits, state.send_splits)
+        weighted = y_RD.float() * state.probs_R.unsqueeze(1)
+        out = weighted.new_zeros(state.num_tokens, y_RD.shape[1])
+        out.index_add_(0, state.token_of_route_R, weighted)
+        return out.to(y_RD.dtype)
+
+
+def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: list[int],
+                grouped: bool = False) -> Tensor:
+    """Apply local expert e to its contiguous row block (a loop; empty blocks are skipped)."""
+    outs = []
+    for expert, rows in zip(experts, torch.split(x_RD, counts), strict=True):
+        outs.append(expert(rows) if rows.shape[0] else rows)
+    return torch.cat(outs) if outs else x_RD
+
+
+class DeepSpeedGateAdapter(nn.Module):
+    """Gate for DeepSpeed's `MOELayer` that returns the project's routing as DeepSpeed's 7-tuple.
+
+    `MOELayer` calls `gate(x, used_token, sparse_routes=True, use_tutel)` and expects
+    `(l_aux, capacity, num_experts, indices_KT, locations_KT, gates_KT, exp_counts)`. The routing
+    is computed by the project's router beforehand and handed over with `set_routing`; DeepSpeed's
+    own top-k gating (Gumbel noise on the second expert, random token selection) is never used.
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.ep_group = None
+        self._routing: Optional[RouterOutput] = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def set_routing(self, routing: RouterOutput) -> None:
+        """The decision the next forward call returns."""
+        self._routing = routing
+
+    def forward(self, x: Tensor, used_token=None, sparse_routes: bool = True,
+                use_tutel: bool = False):
+        routing, self._routing = self._routing, None
+        if routing is None:
+            raise RuntimeError("DeepSpeedGateAdapter called without a routing decision")
+        ids_TK = routing.ids_TK
+        num_tokens, k = ids_TK.shape
+        keep_TK = routing.keep_TK if routing.keep_TK is not None else torch.ones_like(
+            ids_TK, dtype=torch.bool)
+        # Location of each kept route inside its expert's buffer, in token-major order.
+        flat_ids = torch.where(keep_TK, ids_TK, self.num_experts).reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        loc = torch.empty_like(flat_ids)
+        loc[order] = torch.arange(flat_ids.numel(), device=x.device) - starts[flat_ids[order]]
+        kept_counts = counts[: self.num_experts]
+        capacity = kept_counts.max().reshape(1).clone()
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+        capacity = max(int(capacity.item()), 1)
+        indices = torch.where(keep_TK, ids_TK, -1).t().contiguous().to(torch.int32)
+        locations = (loc.view(num_tokens, k) * keep_TK).t().contiguous().to(torch.int32)
+        gates = routing.probs_TK.t().contiguous()
+        l_aux = x.new_zeros((), dtype=torch.float32)
+        return (l_aux, capacity, self.num_experts, indices, locations, gates,
+                routing.tokens_per_expert_E.detach())

@@ -1,0 +1,258 @@
+"""Routers: how each token's expert logits are made; one base class does everything else.
+
+A router turns the MoE layer's input `x_TD` (T tokens, hidden D; the post-LayerNorm input, the
+same tensor a learned router sees) into `logits_TE` over E experts. The base class then picks the
+top-k experts (`ids_TK`), computes their weights (`probs_TK`: softmax over the k selected logits as
+in the paper, or with `pre_softmax` softmax over all E then top-k), applies the optional expert
+capacity (dropping routes beyond it), counts tokens per expert and computes the optional Switch
+auxiliary loss and z-loss.
+
+| router       | logits                                   | learned parameters |
+| ------------ | ---------------------------------------- | ------------------ |
+| self         | x[..., dims] (last N coordinates)        | 0                  |
+| learned      | x @ W, W in R^{D x E}, fp32              | D x E per layer    |
+| fixed-random | x @ R, R frozen fp32 buffer (seed,layer) | 0                  |
+| random       | hash(seed, layer, iteration, token) -> N(0,1) | 0             |
+
+Self-routing reads the post-LayerNorm hidden state, so the LayerNorm gain (and bias) on the N
+routing coordinates act as a learned per-expert temperature (and bias) of the logits.
+
+Adding a router = one subclass overriding `logits` + one entry in `ROUTERS`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron_selfroute.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    """Routing decision for T tokens with top-k K over E experts."""
+
+    probs_TK: Tensor  # fp32 combine weights of the selected experts (0 where dropped)
+    ids_TK: Tensor  # int64 expert ids
+    keep_TK: Optional[Tensor]  # bool, False for routes dropped by capacity; None = dropless
+    tokens_per_expert_E: Tensor  # int64 routes assigned to each expert (before dropping)
+    dropped: Tensor  # int64 scalar: routes dropped by capacity
+    aux_loss: Tensor  # fp32 scalar (already multiplied by its coefficient)
+    z_loss: Tensor  # fp32 scalar (already multiplied by its coefficient)
+
+
+class Router(nn.Module):
+    """Base router: top-k, weights, capacity, counting and losses; subclasses make logits."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
+                 seed: int = 0, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.topk = cfg.moe_router_topk
+        self.pre_softmax = cfg.moe_router_pre_softmax
+        self.capacity_factor = cfg.moe_expert_capacity_factor
+        self.drop_policy = cfg.moe_token_drop_policy
+        self.aux_loss_coeff = cfg.moe_aux_loss_coeff
+        self.z_loss_coeff = cfg.moe_z_loss_coeff
+        self.hidden_size = hidden_size
+        self.layer_number = layer_number
+        self.moe_index = moe_index
+        self.seed = seed
+
+    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
+               iteration: int = 0) -> Tensor:
+        """fp32 logits [T, E]: the only hook a router type overrides."""
+        raise NotImplementedError
+
+    def forward(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
+                iteration: int = 0) -> RouterOutput:
+        logits_TE = self.logits(x_TD, token_index_T, iteration)
+        return self.route(logits_TE)
+
+    def route(self, logits_TE: Tensor) -> RouterOutput:
+        """Top-k selection, weights, capacity and losses from fp32 logits."""
+        num_tokens, num_experts = logits_TE.shape
+        if self.pre_softmax:
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+            probs_TK, ids_TK = torch.topk(scores_TE, self.topk, dim=-1)
+        else:
+            top_logits_TK, ids_TK = torch.topk(logits_TE, self.topk, dim=-1)
+            probs_TK = torch.softmax(top_logits_TK, dim=-1)
+        tokens_per_expert_E = torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
+        keep_TK = None
+        dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
+        if self.capacity_factor is not None:
+            keep_TK = self._capacity_mask(probs_TK, ids_TK)
+            probs_TK = probs_TK * keep_TK
+            dropped = (~keep_TK).sum()
+        zero = logits_TE.new_zeros(())
+        aux = zero
+        if self.aux_loss_coeff > 0:
+            full_probs_TE = torch.softmax(logits_TE, dim=-1)
+            frac_E = tokens_per_expert_E.to(logits_TE.dtype) / (num_tokens * self.topk)
+            aux = self.aux_loss_coeff * num_experts * (frac_E * full_probs_TE.mean(0)).sum()
+        z = zero
+        if self.z_loss_coeff > 0:
+            z = self.z_loss_coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+        return RouterOutput(probs_TK, ids_TK, keep_TK, tokens_per_expert_E, dropped, aux, z)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Routes each expert may take from this batch: ceil(T k / E x factor)."""
+        return math.ceil(num_tokens * self.topk / self.num_experts * self.capacity_factor)
+
+    def _capacity_mask(self, probs_TK: Tensor, ids_TK: Tensor) -> Tensor:
+        """Keep, per expert, the `capacity` routes with the highest prob (or earliest token)."""
+        num_tokens, k = ids_TK.shape
+        cap = self.capacity(num_tokens)
+        flat_ids = ids_TK.reshape(-1)
+        if self.drop_policy == "probs":
+            priority = probs_TK.detach().reshape(-1)
+        else:  # position: earlier tokens first; among a token's routes, the higher-ranked first
+            priority = -torch.arange(flat_ids.numel(), device=ids_TK.device, dtype=torch.float64)
+        # Sort routes by (expert, priority desc); rank within each expert's block.
+        order = torch.argsort(priority, descending=True, stable=True)
+        order = order[torch.argsort(flat_ids[order], stable=True)]
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank_sorted = torch.arange(flat_ids.numel(), device=ids_TK.device) - starts[flat_ids[order]]
+        keep = torch.empty_like(flat_ids, dtype=torch.bool)
+        keep[order] = rank_sorted < cap
+        return keep.view(num_tokens, k)
+
+
+class SelfRouter(Router):
+    """Zero-parameter router: logits are N designated coordinates of the hidden state."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
+                 seed: int = 0, init_std: float = 0.02) -> None:
+        super().__init__(cfg, hidden_size, layer_number, moe_index, seed, init_std)
+        n, h = self.num_experts, hidden_size
+        if cfg.self_route_dims == "last":
+            start = h - n
+        elif cfg.self_route_dims == "first":
+            start = 0
+        else:  # per-layer: the i-th MoE layer reads [H - N (i+1), H - N i)
+            start = h - n * (moe_index + 1)
+        if start < 0:
+            raise ValueError(f"self-routing coordinates [{start}, {start + n}) overflow hidden "
+                             f"size {h}")
+        self.dims = slice(start, start + n)
+
+    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
+               iteration: int = 0) -> Tensor:
+        return x_TD[..., self.dims].float()
+
+
+class LearnedRouter(Router):
+    """Learned linear router W in R^{D x E} (no bias), computed in fp32."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
+                 seed: int = 0, init_std: float = 0.02) -> None:
+        super().__init__(cfg, hidden_size, layer_number, moe_index, seed, init_std)
+        self.weight = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+        nn.init.normal_(self.weight, mean=0.0, std=init_std)
+
+    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
+               iteration: int = 0) -> Tensor:
+        return F.linear(x_TD.float(), self.weight.float())
+
+
+class FixedRandomRouter(Router):
+    """Frozen random projection R (same distribution as the learned router's initial weight).
+
+    R is a persistent fp32 buffer drawn from a generator seeded by (seed, layer) — or (seed) with
+    `fixed_random_shared` — so it is identical on every rank, never trained, and carried by every
+    checkpoint (the checkpoint's copy is authoritative over regeneration).
+    """
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
+                 seed: int = 0, init_std: float = 0.02) -> None:
+        super().__init__(cfg, hidden_size, layer_number, moe_index, seed, init_std)
+        gen = torch.Generator().manual_seed(
+            mix_seed(seed, 0x5EED, -1 if cfg.fixed_random_shared else layer_number)
+        )
+        proj = torch.randn(self.num_experts, hidden_size, generator=gen) * init_std
+        self.register_buffer("proj", proj, persistent=True)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Apply device moves but never dtype casts to the projection (it stays exact fp32)."""
+        proj = self.proj
+        super()._apply(fn, recurse)
+        self.proj = proj.to(device=self.proj.device)
+        return self
+
+    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
+               iteration: int = 0) -> Tensor:
+        return F.linear(x_TD.float(), self.proj)
+
+
+_M64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps; Python ints, exact)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _M64)) & _M64
+        h = (h * 0xBF58476D1CE4E5B9) & _M64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def _to_signed(v: int) -> int:
+    v &= _M64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _srl(x: Tensor, n: int) -> Tensor:
+    """Logical right shift of int64 tensors holding uint64 bit patterns."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def hash_uniform(key: int, counters: Tensor) -> Tensor:
+    """Counter-based uniform (0, 1) values: splitmix64 finaliser of key + counter, 53 bits."""
+    x = counters.to(torch.int64) * _to_signed(0x9E3779B97F4A7C15) + _to_signed(key)
+    x = (x ^ _srl(x, 30)) * _to_signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _srl(x, 27)) * _to_signed(0x94D049BB133111EB)
+    x = x ^ _srl(x, 31)
+    return (_srl(x, 11).to(torch.float64) + 0.5) / float(1 << 53)
+
+
+class RandomRouter(Router):
+    """Content-independent random logits: a pure function of (seed, layer, iteration, token).
+
+    Each logit is a standard Gaussian made by Box-Muller from a counter-based hash of
+    (seed, layer, iteration, global token index, expert): no generator state, so results do not
+    depend on the parallel layout, activation recompute replays them, and resume is exact.
+    """
+
+    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
+               iteration: int = 0) -> Tensor:
+        num_tokens, n = x_TD.shape[0], self.num_experts
+        if token_index_T is None:
+            token_index_T = torch.arange(num_tokens, device=x_TD.device)
+        key = mix_seed(self.seed, 0xA11CE, self.layer_number, iteration)
+        base = token_index_T.to(torch.int64).view(-1, 1) * (2 * n)
+        cols = torch.arange(n, device=x_TD.device, dtype=torch.int64).view(1, -1)
+        u1 = hash_uniform(key, base + 2 * cols)
+        u2 = hash_uniform(key, base + 2 * cols + 1)
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+        return z.float()
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "self": SelfRouter,
+    "learned": LearnedRouter,
+    "fixed-random": FixedRandomRouter,
+    "random": RandomRouter,
+}
+
+
+def build_router(cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
+                 seed: int, init_std: float) -> Router:
+    """Instantiate the router named by `cfg.router_type` from the registry."""
+    return ROUTERS[cfg.router_type](cfg, hidden_size, layer_number, moe_index, seed, init_std)
