@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -171,12 +172,16 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "",
         extra(parser)
     ns = parser.parse_args(argv)
     cfg = namespace_to_config(ns)
-    validate(cfg)
+    world = os.environ.get("WORLD_SIZE")  # set by torchrun / the deepspeed launcher
+    validate(cfg, int(world) if world else None)
     return cfg, ns
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check every cross-field rule once, before heavy work; raise ConfigError naming the flags."""
+def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
+    """Check every cross-field rule once, before heavy work; raise ConfigError naming the flags.
+
+    `world_size` None skips the rules that depend on the process count (checked again at launch).
+    """
     m, tr = cfg.model, cfg.train
     if m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} does not divide "
@@ -193,7 +198,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if tr.micro_batch_size < 1:
         raise ConfigError(f"--micro-batch-size must be >= 1, got {tr.micro_batch_size}")
-    if tr.global_batch_size is not None:
+    if tr.global_batch_size is not None and world_size is not None:
         per_step = tr.micro_batch_size * world_size
         if tr.global_batch_size % per_step != 0:
             raise ConfigError(
@@ -205,7 +210,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_moe(cfg, world_size)
 
 
-def _validate_moe(cfg: Config, world_size: int) -> None:
+def _validate_moe(cfg: Config, world_size: Optional[int]) -> None:
     from megatron_selfroute.moe.router import ROUTERS
 
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
@@ -259,7 +264,7 @@ def _validate_moe(cfg: Config, world_size: int) -> None:
     if ep < 1 or n % ep != 0:
         raise ConfigError(f"--num-experts {n} is not divisible by --expert-model-parallel-size "
                           f"{ep}")
-    if world_size % ep != 0:
+    if world_size is not None and world_size % ep != 0:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {world_size} "
                           "processes")
     if par.zero_stage == 3:
