@@ -1,0 +1,88 @@
+"""Process groups, created in one place and passed explicitly.
+
+Layout (as in DeepSpeed and Megatron): W processes, expert-parallel size P. Dense parameters are
+data-parallel over all W; expert-parallel groups are P consecutive ranks ([0..P-1], [P..2P-1], ...)
+and each expert is replicated over the W/P ranks with the same expert-parallel rank (the
+expert-data-parallel group). DeepSpeed's `groups` module owns the groups (its engine reduces expert
+gradients over them); this module creates them and hands them to the MoE layers.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _disable_shm_comm() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op on CPU (about a minute): use gloo plainly."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.0) -> None:
+    """Initialise torch.distributed through DeepSpeed from launcher env vars (idempotent).
+
+    Works with torchrun, the deepspeed launcher and SLURM-style env (RANK, WORLD_SIZE, MASTER_*);
+    a bare `python script.py` runs as a 1-process group on a free local port.
+    """
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        _disable_shm_comm()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expert_parallel_group(ep_size: int):
+    """DeepSpeed's expert-parallel group of size `ep_size` for this rank (created on first use)."""
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(ep_size: int):
+    """Ranks holding replicas of this rank's experts."""
+    from deepspeed.utils import groups
+
+    expert_parallel_group(ep_size)
+    return groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+
+
+def setup_moe_groups(model: torch.nn.Module, ep_size: int) -> None:
+    """Give every MoE layer its expert-parallel group (the engine does the same on initialize)."""
+    from megatron_selfroute.moe.layer import MoELayer
+
+    group = expert_parallel_group(ep_size) if ep_size > 1 else None
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.set_expert_parallel_group(group)
+
+
+def shutdown() -> None:
+    """Barrier and destroy the process group (clean exit of every rank)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

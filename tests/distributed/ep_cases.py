@@ -1,0 +1,149 @@
+"""Expert-parallel cases, run inside harness processes: EP layers vs one process holding all experts.
+
+Every rank builds the full single-process reference layer (all experts) with the same seed, then an
+expert-parallel layer holding only its local experts with the reference's weights. Each rank routes
+its own, differently sized batch. Checked on every rank:
+- outputs and input gradients equal the reference run on this rank's tokens alone;
+- each local expert's gradient equals the sum, over the ranks of this expert-parallel group, of
+  the reference's gradients for that (global) expert;
+- router gradients (learned) equal the reference's for this rank's tokens;
+- tokens-per-expert counts equal the reference's.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_selfroute.config import Config
+from megatron_selfroute.models.gpt import GPTModel
+from megatron_selfroute.moe.layer import MoELayer
+from megatron_selfroute.parallel.groups import expert_parallel_group
+
+D, FFN, E = 16, 24, 4
+ROUTERS = ["self", "learned", "fixed-random", "random"]
+
+
+def _cfg(router, dispatcher, capacity=None):
+    cfg = Config()
+    cfg.model.hidden_size, cfg.model.ffn_hidden_size = D, FFN
+    m = cfg.moe
+    m.num_experts, m.moe_router_topk, m.router_type = E, 2, router
+    m.moe_token_dispatcher_type, m.moe_expert_capacity_factor = dispatcher, capacity
+    return cfg
+
+
+def _inputs(rank, variant):
+    gen = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(5 + 3 * rank, D, generator=gen)
+    if variant == "one_expert":  # every token of every rank -> experts 0 and 1 (rank 0's)
+        x[:, D - E:] = torch.tensor([9.0, 8.0, -9.0, -9.0])
+    elif variant == "rank0_only" and rank == 0:  # rank 0 keeps everything local
+        x[:, D - E:] = torch.tensor([9.0, 8.0, -9.0, -9.0])
+    tok = rank * 1000 + torch.arange(x.shape[0])
+    weight = torch.linspace(-1, 1, D)
+    return x, tok, weight
+
+
+def _run(layer, x, tok, weight):
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x, tok, 0)
+    (y * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.clone(), grads, layer.last_tokens_per_expert.clone()
+
+
+def layer_case(router, dispatcher, ep, variant="plain", capacity=None):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = _cfg(router, dispatcher, capacity)
+    torch.manual_seed(123)
+    ref = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, ep_size=1, seed=7)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    layer = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, ep_size=ep, seed=7)
+    layer.set_expert_parallel_group(expert_parallel_group(ep) if ep > 1 else None)
+    n_loc = E // ep
+    ep_rank = rank % ep
+    sd = {}
+    for name, t in ref.state_dict().items():
+        if "deepspeed_experts." in name:
+            gid = int(name.split("deepspeed_experts.")[1].split(".")[0])
+            if gid // n_loc != ep_rank:
+                continue
+            name = name.replace(f"deepspeed_experts.{gid}.", f"deepspeed_experts.{gid % n_loc}.")
+        sd[name] = t
+    layer.load_state_dict(sd, strict=True)
+
+    x, tok, weight = _inputs(rank, variant)
+    y, gx, grads, counts = _run(layer, x, tok, weight)
+    ry, rgx, rgrads, rcounts = _run(ref, x, tok, weight)
+    err = {"out": (y - ry).abs().max().item(), "input_grad": (gx - rgx).abs().max().item()}
+    assert torch.equal(counts, rcounts), (counts, rcounts)
+    # expert gradients: sum of the reference's over the ranks of my expert-parallel group
+    group_ranks = [r for r in range(world) if r // ep == rank // ep]
+    expert_ref = {}
+    for r in group_ranks:
+        xr, tr, wr = _inputs(r, variant)
+        g = _run(ref, xr, tr, wr)[2]
+        for n, t in g.items():
+            if "deepspeed_experts." in n:
+                expert_ref[n] = expert_ref.get(n, 0) + t
+    for name, g in grads.items():
+        if "deepspeed_experts." in name:
+            local = int(name.split("deepspeed_experts.")[1].split(".")[0])
+            gid = ep_rank * n_loc + local
+            want = expert_ref.get(name.replace(f"experts.{local}.", f"experts.{gid}."))
+            want = torch.zeros_like(g) if want is None else want
+        else:
+            want = rgrads[name]
+        err[name] = ((g - want).abs().max() / want.abs().max().clamp(min=1)).item()
+    worst = max(err.values())
+    assert worst < 1e-5, {k: v for k, v in err.items() if v >= 1e-5}
+    return {"max_err": worst, "sent_rows": layer.dispatcher.last_sent_rows}
+
+
+def init_case(ep):
+    """GPTModel under EP=P starts from exactly the single-process model."""
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, 8
+    m.vocab_size = 50
+    cfg.moe.num_experts, cfg.moe.router_type = E, "learned"
+    full = dict(GPTModel(cfg, ep_size=1).named_parameters())
+    part = GPTModel(cfg, ep_size=ep)
+    n_loc, ep_rank = E // ep, dist.get_rank() % ep
+    for name, p in part.named_parameters():
+        if "deepspeed_experts." in name:
+            local = int(name.split("deepspeed_experts.")[1].split(".")[0])
+            name = name.replace(f"experts.{local}.", f"experts.{ep_rank * n_loc + local}.")
+        assert torch.equal(p, full[name]), name
+    return {}
+
+
+def build_cases(world: int) -> dict:
+    """Case name -> callable, for a group of `world` processes."""
+    cases = {}
+    for router, disp, ep in itertools.product(ROUTERS, ["alltoall", "deepspeed"], [1, 2, 4]):
+        if world % ep == 0:
+            cases[f"layer/{router}/{disp}/ep{ep}"] = (
+                lambda r=router, d=disp, p=ep: layer_case(r, d, p))
+    for disp, ep in itertools.product(["alltoall", "deepspeed"], [2, 4]):
+        if world % ep:
+            continue
+        for variant in ["one_expert", "rank0_only"]:
+            cases[f"edge/{variant}/{disp}/ep{ep}"] = (
+                lambda d=disp, p=ep, v=variant: layer_case("self", d, p, v))
+        cases[f"capacity/{disp}/ep{ep}"] = (
+            lambda d=disp, p=ep: layer_case("learned", d, p, capacity=0.75))
+    for ep in (2, 4):
+        if world % ep == 0:
+            cases[f"init/ep{ep}"] = lambda p=ep: init_case(p)
+    return cases
+
+
+CASES = build_cases(int(os.environ.get("WORLD_SIZE", "1")))
