@@ -359,35 +359,38 @@ class Outputs:
         self.temporary = [
             (data_file_path(p) + suffix, index_file_path(p) + suffix) for p in self.prefixes
         ]
-        self.builders = []
+        self.builders: list[IndexedDatasetBuilder] = []
+        self.created: list[str] = []  # only these temporary files are ours to delete
         for bin_tmp, _ in self.temporary:
             try:
                 self.builders.append(IndexedDatasetBuilder(bin_tmp, dtype))
             except OSError as e:
                 self.discard()
                 raise InputError(f"cannot write output {bin_tmp}: {e.strerror}") from None
+            self.created.append(bin_tmp)
 
     def commit(self) -> None:
         """Write the indices, then rename every file to its final name (bins, then idxs)."""
-        try:
-            for builder, (_, idx_tmp) in zip(self.builders, self.temporary, strict=True):
+        for builder, (_, idx_tmp) in zip(self.builders, self.temporary, strict=True):
+            self.created.append(idx_tmp)
+            try:
                 builder.finalize(idx_tmp)
-        except OSError as e:
-            self.discard()
-            raise InputError(f"cannot write output {e.filename}: {e.strerror}") from None
+            except OSError as e:
+                raise InputError(f"cannot write output {idx_tmp}: {e.strerror}") from None
         for prefix, (bin_tmp, _) in zip(self.prefixes, self.temporary, strict=True):
             os.replace(bin_tmp, data_file_path(prefix))
         for prefix, (_, idx_tmp) in zip(self.prefixes, self.temporary, strict=True):
             os.replace(idx_tmp, index_file_path(prefix))
+        self.created = []
 
     def discard(self) -> None:
-        """Close and delete the temporary files."""
+        """Close and delete the temporary files this run created."""
         for builder in self.builders:
             builder.close()
-        for paths in self.temporary:
-            for path in paths:
-                if os.path.exists(path):
-                    os.remove(path)
+        for path in self.created:
+            if os.path.isfile(path):
+                os.remove(path)
+        self.created = []
 
 
 def run(args: argparse.Namespace) -> None:
