@@ -255,7 +255,8 @@ def load_hf_dataset(args: argparse.Namespace) -> object:
             if args.hf_streaming:
                 ds = ds.to_iterable_dataset()
         else:
-            ds = datasets.load_dataset(name, split=split, streaming=args.hf_streaming)
+            extra = {} if args.hf_streaming else {"num_proc": args.workers}
+            ds = datasets.load_dataset(name, split=split, streaming=args.hf_streaming, **extra)
     except InputError:
         raise
     except Exception as e:  # datasets raises many types; all mean "cannot load"
