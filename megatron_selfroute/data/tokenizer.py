@@ -64,6 +64,12 @@ def _require_file(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
+def _reason(error: Exception) -> str:
+    """First line of an exception's message, to keep errors on one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used in encoder.json / vocab.bpe."""
     printable = (
@@ -115,7 +121,7 @@ def gpt2_bpe_ranks(vocab_file: str, merge_file: str) -> tuple[dict[bytes, int], 
         eod = encoder.pop(ENDOFTEXT)
         ranks = {bytes(byte_decoder[c] for c in tok): int(i) for tok, i in encoder.items()}
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{vocab_file}: not a GPT-2 encoder.json vocab file ({e})") from e
+        raise ValueError(f"{vocab_file}: not a GPT-2 encoder.json vocab file ({_reason(e)})") from e
     with open(merge_file, encoding="utf-8") as f:
         lines = [line for line in f.read().split("\n")[1:] if line]
     for i, line in enumerate(lines):
@@ -199,7 +205,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{model_file}: not a SentencePiece model ({e})") from e
+            raise ValueError(f"{model_file}: not a SentencePiece model ({_reason(e)})") from e
         if self._sp.eos_id() < 0:
             raise ValueError(f"{model_file}: SentencePiece model has no eos (</s>) piece")
 
@@ -234,7 +240,7 @@ class HuggingFaceTokenizer(Tokenizer):
         try:
             self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path}: cannot load Hugging Face tokenizer ({e})") from e
+            raise ValueError(f"{path}: cannot load Hugging Face tokenizer ({_reason(e)})") from e
         if self._tok.eos_token_id is None:
             raise ValueError(f"{path}: Hugging Face tokenizer has no eos token")
 
