@@ -172,6 +172,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "",
         extra(parser)
     ns = parser.parse_args(argv)
     cfg = namespace_to_config(ns)
+    ns.explicit_flags = {k for k in vars(ns) if "." in k and not k.startswith("alias.")}
+    ns.explicit_flags |= {f"{sec}.{name}" for dest, (sec, name, _, _) in _SIMPLE_ALIASES.items()
+                          if f"alias.{dest}" in vars(ns)}
     world = os.environ.get("WORLD_SIZE")  # set by torchrun / the deepspeed launcher
     validate(cfg, int(world) if world else None)
     return cfg, ns

@@ -137,6 +137,25 @@ class GPTModel(nn.Module):
         return counts, dropped
 
 
+def gpt_flops_per_token(cfg: Config) -> float:
+    """Forward matmul FLOPs per token on active parameters (MoE: k experts), Megatron-style:
+    2 x (QKV + attention output + MLP or k experts + router) per layer, attention scores and
+    values 2 x 2 x S x D per layer, and the output layer 2 x D x V. Training = 3x forward."""
+    m, moe = cfg.model, cfg.moe
+    d, s = m.hidden_size, m.seq_length
+    flops = 0.0
+    for is_moe in moe.layer_pattern(m.num_layers):
+        flops += 2 * (3 * d * d + d * d) + 2 * 2 * s * d
+        if is_moe:
+            ffn = moe.moe_ffn_hidden_size or m.ffn_size
+            flops += moe.moe_router_topk * 2 * 2 * d * ffn
+            if moe.router_type in ("learned", "fixed-random"):
+                flops += 2 * d * moe.num_experts
+        else:
+            flops += 2 * 2 * d * m.ffn_size
+    return flops + 2 * d * m.padded_vocab_size
+
+
 def num_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Unique parameters (tied weights counted once)."""
     seen = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}

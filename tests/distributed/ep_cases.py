@@ -1,4 +1,4 @@
-"""Expert-parallel cases, run inside harness processes: EP layers vs one process holding all experts.
+"""Expert-parallel cases run in harness processes: EP layers vs one process holding all experts.
 
 Every rank builds the full single-process reference layer (all experts) with the same seed, then an
 expert-parallel layer holding only its local experts with the reference's weights. Each rank routes

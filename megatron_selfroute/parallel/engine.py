@@ -1,0 +1,223 @@
+"""DeepSpeed engine set-up: the JSON config from flags (merged with a user file), the optimizer
+(a torch AdamW over DeepSpeed's MoE parameter groups; no weight decay on biases and norms), and a
+checkpoint engine that loads with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_selfroute.arguments import ConfigError
+from megatron_selfroute.config import Config
+
+# DeepSpeed JSON key path -> (config section, field, flag)
+_DS_KEYS = {
+    ("train_micro_batch_size_per_gpu",): ("train", "micro_batch_size", "--micro-batch-size"),
+    ("train_batch_size",): ("train", "global_batch_size", "--global-batch-size"),
+    ("gradient_clipping",): ("train", "clip_grad", "--clip-grad"),
+    ("zero_optimization", "stage"): ("parallel", "zero_stage", "--zero-stage"),
+    ("bf16", "enabled"): ("train", "bf16", "--bf16"),
+    ("fp16", "enabled"): ("train", "fp16", "--fp16"),
+    ("optimizer", "params", "lr"): ("train", "lr", "--lr"),
+    ("optimizer", "params", "weight_decay"): ("train", "weight_decay", "--weight-decay"),
+    ("optimizer", "params", "eps"): ("train", "adam_eps", "--adam-eps"),
+}
+
+
+def merge_deepspeed_json(cfg: Config, path: str, explicit: set[str]) -> dict:
+    """Read a DeepSpeed JSON; adopt its values for flags left at default, reject conflicts.
+
+    Returns the JSON minus the keys this project sets itself (optimizer, batch, precision...), to
+    be merged under the generated config. `explicit` holds "section.field" of flags given.
+    """
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed-config {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed-config {path}: invalid JSON at line {e.lineno}: {e.msg}"
+                          ) from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"--deepspeed-config {path}: top level must be an object")
+    if "scheduler" in user:
+        raise ConfigError(f"--deepspeed-config {path}: 'scheduler' is not supported; use "
+                          "--lr-decay-style/--lr-warmup-iters")
+    opt = user.get("optimizer")
+    if opt is not None and str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+        raise ConfigError(f"--deepspeed-config {path}: optimizer type {opt.get('type')!r} is not "
+                          "supported (AdamW is built from the flags)")
+    betas = (opt or {}).get("params", {}).get("betas")
+    adopted = dict(_walk(user))
+    if betas is not None:
+        adopted[("optimizer", "params", "beta1")] = betas[0]
+        adopted[("optimizer", "params", "beta2")] = betas[1]
+    keymap = dict(_DS_KEYS)
+    keymap[("optimizer", "params", "beta1")] = ("train", "adam_beta1", "--adam-beta1")
+    keymap[("optimizer", "params", "beta2")] = ("train", "adam_beta2", "--adam-beta2")
+    for key, (sec, name, flag) in keymap.items():
+        if key not in adopted:
+            continue
+        value = adopted[key]
+        current = getattr(getattr(cfg, sec), name)
+        if f"{sec}.{name}" in explicit and current != value:
+            raise ConfigError(f"--deepspeed-config {path}: {'.'.join(key)} = {value} conflicts "
+                              f"with {flag} {current}")
+        setattr(getattr(cfg, sec), name, type(current)(value) if current is not None else value)
+    rest = {k: v for k, v in user.items() if k not in ("optimizer", "train_batch_size",
+                                                     "train_micro_batch_size_per_gpu",
+                                                     "gradient_accumulation_steps",
+                                                     "gradient_clipping", "bf16", "fp16")}
+    return rest
+
+
+def _walk(d: dict, prefix: tuple = ()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def deepspeed_config(cfg: Config, world_size: int, extra: Optional[dict] = None) -> dict:
+    """The engine config generated from the flags (plus pass-through keys of a user JSON)."""
+    tr = cfg.train
+    accum = gradient_accumulation_steps(cfg, world_size)
+    zero = dict((extra or {}).get("zero_optimization", {}))
+    zero["stage"] = cfg.parallel.zero_stage
+    ds: dict[str, Any] = dict(extra or {})
+    ds.update({
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": tr.micro_batch_size * accum * world_size,
+        # ZeRO-0 fp32 clipping is done exactly by clip_gradients_stage0 (DeepSpeed's averages
+        # per-rank norms, which differ across expert-parallel ranks).
+        "gradient_clipping": 0.0 if _own_clipping(cfg) else tr.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": tr.bf16},
+        "fp16": {"enabled": tr.fp16, "initial_scale_power": 16} if tr.fp16 else {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    })
+    return ds
+
+
+def _own_clipping(cfg: Config) -> bool:
+    return cfg.parallel.zero_stage == 0 and not (cfg.train.bf16 or cfg.train.fp16)
+
+
+def clip_gradients_stage0(model: torch.nn.Module, max_norm: float) -> float:
+    """Exact global gradient norm (dense once, experts summed over the expert-parallel group)
+    and in-place clipping, for ZeRO stage 0 after gradients were all-reduced.
+
+    DeepSpeed's stage-0 clipping averages per-rank norms, which differ across expert-parallel
+    ranks (each holds other experts), so its clip factor is not the global one. ZeRO-1/2 sum
+    squared partition norms over all data-parallel ranks, which is exact, and are left alone.
+    """
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    dense = torch.zeros((), dtype=torch.float64)
+    expert: dict[str, torch.Tensor] = {}
+    params = [p for p in model.parameters() if p.grad is not None]
+    for p in params:
+        sq = p.grad.detach().double().square().sum().cpu()
+        if is_moe_param(p):
+            expert[p.group_name] = expert.get(p.group_name, 0) + sq
+        else:
+            dense += sq
+    for name, sq in expert.items():
+        if dist.get_world_size(groups._get_expert_parallel_group(name)) > 1:
+            dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
+        dense += sq
+    norm = dense.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        coeff = max_norm / (norm + 1e-6)
+        for p in params:
+            p.grad.detach().mul_(coeff)
+    return norm
+
+
+def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    """global batch / (micro batch x data-parallel size); 1 when no global batch is given."""
+    tr = cfg.train
+    if tr.global_batch_size is None:
+        return 1
+    return tr.global_batch_size // (tr.micro_batch_size * world_size)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on matrices only (no weight decay on biases and norms), split into DeepSpeed's MoE
+    groups so the engine reduces expert gradients over the expert-data-parallel group."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int,
+                 extra_ds: Optional[dict] = None):
+    """deepspeed.initialize with a torch AdamW (no JIT-built fused optimizer)."""
+    import deepspeed
+
+    tr = cfg.train
+    groups = optimizer_param_groups(model, tr.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2),
+                            eps=tr.adam_eps, weight_decay=tr.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                           config=deepspeed_config(cfg, world_size, extra_ds),
+                                           dist_init_required=False)
+    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    engine.own_clipping = _own_clipping(cfg)
+    return engine
+
+
+def safe_globals() -> list:
+    """Types a DeepSpeed checkpoint of this project really holds, beyond tensors and containers."""
+    import argparse
+    import collections
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [argparse.Namespace, collections.OrderedDict, ZeroStageEnum, fragment_address,
+               torch.Size]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover - depends on DeepSpeed version
+        pass
+    return allowed
+
+
+class SafeCheckpointEngine:
+    """Wraps DeepSpeed's checkpoint engine; loads with weights_only=True and an allow-list."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # an unsafe or corrupt file: refuse with a one-line reason
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointLoadError(f"{path}: refused to load ({first})") from None
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file that is missing, corrupt, or holds objects outside the allow-list."""

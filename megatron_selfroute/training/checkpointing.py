@@ -1,0 +1,190 @@
+"""Atomic, exactly-resumable checkpoints through the DeepSpeed engine.
+
+Layout of `--save DIR`:
+
+    DIR/latest_checkpointed_iteration.txt   this project's pointer (replaced atomically)
+    DIR/iter_0000100/                       a DeepSpeed tag directory (model, ZeRO, experts)
+        rng_state_rank{r}.pt                every rank's RNG states (tensors and ints only)
+        run_state.json                      iteration, consumed samples, the resolved config
+
+Saving writes into `iter_XXXXXXX.tmp` with DeepSpeed's `save_latest=False` (DeepSpeed's own
+`latest` file is written by rank 0 before other ranks finish), then after a barrier rank 0 renames
+the directory into place and replaces the pointer with `os.replace`. A crash at any moment leaves
+the previous checkpoint and pointer intact. Loading goes through `SafeCheckpointEngine`
+(`torch.load(weights_only=True)` with an allow-list).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_selfroute.config import Config
+
+POINTER = "latest_checkpointed_iteration.txt"
+
+# Fields whose change makes a checkpoint incompatible (shape or routing semantics).
+_MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+               "vocab_size", "make_vocab_size_divisible_by", "disable_bias_linear",
+               "disable_bias_layernorm", "untie_embeddings_and_output_weights",
+               "max_position_embeddings")
+_MOE_KEYS = ("num_experts", "router_type", "moe_ffn_hidden_size", "moe_layer_freq",
+             "self_route_dims", "fixed_random_shared")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run (one-line reason)."""
+
+
+@dataclass
+class ResumeState:
+    """Where training continues."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+
+
+def tag_for(iteration: int) -> str:
+    """Directory name of the checkpoint at `iteration`."""
+    return f"iter_{iteration:07d}"
+
+
+def read_pointer(load_dir: str) -> Optional[str]:
+    """Tag named by the pointer file, or None when the directory holds no checkpoint."""
+    path = os.path.join(load_dir, POINTER)
+    if not os.path.isfile(path):
+        return None
+    tag = open(path).read().strip()
+    if not tag or not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{path} names {tag!r}, which is not a checkpoint directory")
+    return tag
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState) -> str:
+    """Save atomically; returns the final directory. Called by every rank."""
+    rank = dist.get_rank()
+    final = tag_for(state.iteration)
+    tmp = final + ".tmp"
+    tmp_path = os.path.join(save_dir, tmp)
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.exists(tmp_path):  # leftover of a crashed save
+            shutil.rmtree(tmp_path)
+    dist.barrier()
+    engine.save_checkpoint(save_dir, tag=tmp, client_state={}, save_latest=False)
+    torch.save(_rng_state(), os.path.join(tmp_path, f"rng_state_rank{rank}.pt"))
+    if rank == 0:
+        run_state = {"iteration": state.iteration,
+                     "consumed_train_samples": state.consumed_train_samples,
+                     "world_size": dist.get_world_size(), "config": cfg.to_dict()}
+        with open(os.path.join(tmp_path, "run_state.json"), "w") as f:
+            json.dump(run_state, f, indent=1)
+    dist.barrier()
+    if rank == 0:
+        final_path = os.path.join(save_dir, final)
+        old = final_path + ".old"
+        if os.path.exists(final_path):
+            os.replace(final_path, old)
+        os.replace(tmp_path, final_path)
+        pointer_tmp = os.path.join(save_dir, POINTER + ".tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(final + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(save_dir, POINTER))
+        _fsync_dir(save_dir)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    dist.barrier()
+    return os.path.join(save_dir, final)
+
+
+def check_compatible(saved: dict, cfg: Config, path: str) -> None:
+    """Refuse a checkpoint of another model shape or router type, naming the field."""
+    for sec, keys in (("model", _MODEL_KEYS), ("moe", _MOE_KEYS)):
+        for key in keys:
+            old = saved.get(sec, {}).get(key)
+            new = getattr(getattr(cfg, sec), key)
+            if old != new:
+                flag = "--" + key.replace("_", "-")
+                raise CheckpointError(f"{path} was trained with {flag} {old}, this run has "
+                                      f"{flag} {new}")
+    old_ep = saved.get("parallel", {}).get("expert_model_parallel_size")
+    if old_ep != cfg.parallel.expert_model_parallel_size:
+        raise CheckpointError(
+            f"{path} has --expert-model-parallel-size {old_ep}, this run "
+            f"{cfg.parallel.expert_model_parallel_size}; convert it with "
+            "tools/checkpoint/convert.py")
+
+
+def load_checkpoint(engine, load_dir: str, cfg: Config) -> Optional[ResumeState]:
+    """Restore model, optimizer, RNG and position; None when `load_dir` holds no checkpoint."""
+    tag = read_pointer(load_dir)
+    if tag is None:
+        return None
+    path = os.path.join(load_dir, tag)
+    try:
+        with open(os.path.join(path, "run_state.json")) as f:
+            run_state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}/run_state.json: not a checkpoint of this project ({e})"
+                              ) from None
+    check_compatible(run_state["config"], cfg, path)
+    tr = cfg.train
+    world = dist.get_world_size()
+    module_only = tr.finetune or tr.no_load_optim
+    if run_state["world_size"] != world and not module_only:
+        raise CheckpointError(f"{path} was saved by {run_state['world_size']} processes, this run "
+                              f"has {world}; pass --no-load-optim or --finetune to load weights "
+                              "only")
+    load_path, _ = engine.load_checkpoint(load_dir, tag=tag,
+                                          load_optimizer_states=not module_only,
+                                          load_lr_scheduler_states=False,
+                                          load_module_only=module_only)
+    if load_path is None:
+        raise CheckpointError(f"{path}: DeepSpeed found no model states")
+    if tr.finetune:
+        return ResumeState(0, 0)
+    if not tr.no_load_rng:
+        rng_file = os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt")
+        if not os.path.isfile(rng_file):
+            raise CheckpointError(f"{rng_file} is missing (use --no-load-rng to skip)")
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return ResumeState(run_state["iteration"], run_state["consumed_train_samples"])

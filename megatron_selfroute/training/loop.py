@@ -1,0 +1,352 @@
+"""The training driver shared by pretrain_gpt.py and pretrain_vit.py.
+
+A script supplies a `Task` (how to build the model, the datasets, and one forward step); this
+module does distributed set-up, the DeepSpeed engine, checkpoint resume, the step loop with
+gradient accumulation, evaluation, logging, checkpoints and clean exits (interval, wall time,
+SIGTERM).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_selfroute.arguments import ConfigError, validate
+from megatron_selfroute.config import Config
+from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
+from megatron_selfroute.parallel.engine import (
+    build_engine,
+    clip_gradients_stage0,
+    gradient_accumulation_steps,
+)
+from megatron_selfroute.parallel.groups import init_distributed, shutdown
+from megatron_selfroute.training import checkpointing
+from megatron_selfroute.training.logging import (
+    MetricsLogger,
+    RoutingAccumulator,
+    Timer,
+    format_eta,
+    print_rank0,
+)
+from megatron_selfroute.training.schedules import learning_rate
+
+
+@dataclass
+class Task:
+    """What a pretraining script provides."""
+
+    build_model: Callable[[Config, int], torch.nn.Module]
+    build_datasets: Callable[[Config, list[int]], tuple]
+    forward_step: Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    collate: Callable[[list], dict]
+    flops_per_sample: Callable[[Config], float]
+    tokens_per_sample: Callable[[Config], int]
+    deepspeed_extra: Optional[dict] = None
+
+
+@dataclass
+class RunResult:
+    """What a run did (returned to callers and tests)."""
+
+    iteration: int
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    exit_reason: str = "done"
+
+
+class TrainingError(RuntimeError):
+    """A run-stopping condition with a one-line reason (e.g. a NaN loss)."""
+
+
+_SIGNAL = {"received": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    _SIGNAL["received"] = True
+
+
+def peak_tflops(cfg: Config) -> Optional[float]:
+    """--peak-tflops, else dense bf16 peak of a known GPU (None on CPU: MFU not reported)."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0)):
+        if key in name:
+            return peak if (cfg.train.bf16 or cfg.train.fp16) else peak / 2
+    return None
+
+
+def _check_writable(path: Optional[str], flag: str) -> None:
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} is not writable ({e.strerror})") from None
+
+
+def _batches(dataset, cfg: Config, consumed: int, total: int, collate) -> Any:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sampler = PretrainingSampler(total, consumed, cfg.train.micro_batch_size, rank, world)
+    return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=sampler,
+                                       num_workers=cfg.data.num_workers, collate_fn=collate)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[float, Any]:
+    """Mean lm loss over --eval-iters micro-batches of `dataset` (from its start), and routing."""
+    engine.eval()
+    acc = RoutingAccumulator()
+    total, n = torch.zeros(1, dtype=torch.float64), 0
+    world = dist.get_world_size()
+    needed = cfg.train.eval_iters * cfg.train.micro_batch_size * world
+    loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate)
+    with torch.no_grad():
+        for batch in loader:
+            _, metrics = task.forward_step(engine, _to_device(batch, engine.device), iteration)
+            total += metrics["lm loss"].double().cpu()
+            n += 1
+            model = engine.module
+            if getattr(model, "moe_layers", None):
+                acc.add(*model.routing_counts())
+    engine.train()
+    stats = torch.cat([total, torch.tensor([n], dtype=torch.float64)])
+    dist.all_reduce(stats)
+    return (stats[0] / stats[1].clamp(min=1)).item(), acc.reduce_and_reset()
+
+
+def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunResult:
+    """Train per `cfg`; returns the per-iteration losses. Every rank calls it."""
+    init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate(cfg, world)
+    tr = cfg.train
+    if tr.global_batch_size is None:
+        tr.global_batch_size = tr.micro_batch_size * world
+    accum = gradient_accumulation_steps(cfg, world)
+    if tr.train_iters is None:
+        if tr.train_samples is None:
+            raise ConfigError("one of --train-iters or --train-samples is required")
+        tr.train_iters = math.ceil(tr.train_samples / tr.global_batch_size)
+    if rank == 0:
+        _check_writable(tr.save, "--save")
+        _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
+    dist.barrier()
+    torch.manual_seed(tr.seed)
+    if tr.deterministic:
+        torch.use_deterministic_algorithms(True)
+    ep = cfg.parallel.expert_model_parallel_size
+    model = task.build_model(cfg, ep)
+    pattern = getattr(model, "pattern", None)
+    if pattern is not None:
+        print_rank0(f"> MoE layers at blocks {[i for i, v in enumerate(pattern) if v]} "
+                    f"({cfg.moe.num_experts or 0} experts, top-{cfg.moe.moe_router_topk}, "
+                    f"router {cfg.moe.router_type}, EP={ep}, dispatcher "
+                    f"{cfg.moe.moe_token_dispatcher_type})")
+    engine = build_engine(model, cfg, world, extra_ds)
+    state = checkpointing.ResumeState()
+    if tr.load:
+        loaded = checkpointing.load_checkpoint(engine, tr.load, cfg)
+        if loaded is None:
+            print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
+        else:
+            state = loaded
+            print_rank0(f"> resumed from {tr.load} at iteration {state.iteration}")
+    gbs = tr.global_batch_size
+    n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
+    train_ds, valid_ds, _ = task.build_datasets(cfg, [tr.train_iters * gbs, n_eval,
+                                                      tr.eval_iters * gbs])
+    loader = iter(_batches(train_ds, cfg, state.consumed_train_samples, tr.train_iters * gbs,
+                           task.collate))
+    logger = MetricsLogger(tr.tensorboard_dir, cfg.to_dict(), tr.wandb_project)
+    if tr.exit_signal_handler:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    result = RunResult(state.iteration)
+    routing = RoutingAccumulator()
+    step_timer = Timer()
+    interval = {"lm": 0.0, "aux": 0.0, "n": 0}
+    start_time = time.time()
+    flops_per_iter = task.flops_per_sample(cfg) * gbs
+    tokens_per_iter = task.tokens_per_sample(cfg) * gbs
+    peak = peak_tflops(cfg)
+    last_saved: Optional[str] = None
+    iters_this_run = 0
+    profiler = _maybe_profiler(cfg)
+    while state.iteration < tr.train_iters:
+        it = state.iteration
+        lr = learning_rate(tr, it, tr.train_iters)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        step_timer.start()
+        lm_sum, aux_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        own_norm = None
+        for micro in range(accum):
+            batch = _to_device(next(loader), engine.device)
+            loss, metrics = task.forward_step(engine, batch, it)
+            lm_sum += metrics["lm loss"].double().cpu()
+            aux_sum += metrics["aux loss"].double().cpu()
+            if getattr(engine.module, "moe_layers", None):
+                routing.add(*engine.module.routing_counts())
+            if micro == accum - 1:
+                _check_finite(lm_sum, it, last_saved or tr.load)
+            engine.backward(loss)
+            if micro == accum - 1 and engine.own_clipping:
+                own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
+            engine.step()
+        step_timer.stop()
+        state.iteration += 1
+        state.consumed_train_samples += gbs
+        iters_this_run += 1
+        lm_loss, aux_loss = _dp_mean(torch.stack([lm_sum, aux_sum]) / accum)
+        result.losses[state.iteration] = lm_loss
+        result.iteration = state.iteration
+        interval["lm"] += lm_loss
+        interval["aux"] += aux_loss
+        interval["n"] += 1
+        if profiler is not None:
+            profiler.step()
+        if state.iteration % tr.log_interval == 0 or state.iteration == tr.train_iters:
+            elapsed = step_timer.pop()
+            per_iter = elapsed / interval["n"]
+            grad_norm = own_norm if engine.own_clipping else engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            tflops = flops_per_iter / per_iter / 1e12 / world
+            metrics_out = {"lm loss": interval["lm"] / interval["n"],
+                           "aux loss": interval["aux"] / interval["n"], "learning-rate": lr,
+                           "grad-norm": grad_norm, "tokens-per-sec": tokens_per_iter / per_iter,
+                           "tflops-per-device": tflops,
+                           "consumed-samples": float(state.consumed_train_samples)}
+            if peak:
+                metrics_out["mfu"] = tflops / peak
+            logger.scalars("train", metrics_out, state.iteration)
+            rstats = routing.reduce_and_reset()
+            logger.routing("train", rstats, state.iteration)
+            eta = per_iter * (tr.train_iters - state.iteration)
+            line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "
+                    f"{state.consumed_train_samples:10d} | elapsed time per iteration (ms): "
+                    f"{per_iter * 1000:.1f} | learning rate {lr:.3E} | global batch size "
+                    f"{gbs:5d} | lm loss {metrics_out['lm loss']:.6E} | aux loss "
+                    f"{metrics_out['aux loss']:.4E} | grad norm {grad_norm:.3f} | tokens/s "
+                    f"{metrics_out['tokens-per-sec']:.0f} | TFLOP/s/device {tflops:.3f}")
+            if peak:
+                line += f" | MFU {100 * tflops / peak:.1f}%"
+            if rstats is not None:
+                h = sum(rstats["normalized_entropy"]) / len(rstats["normalized_entropy"])
+                mf = sum(rstats["max_fraction"]) / len(rstats["max_fraction"])
+                line += f" | routing H/logN {h:.3f} max-frac {mf:.3f}"
+            print_rank0(line + f" | ETA {format_eta(eta)}")
+            interval = {"lm": 0.0, "aux": 0.0, "n": 0}
+        if valid_ds is not None and state.iteration % tr.eval_interval == 0:
+            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result)
+        reason = _exit_reason(cfg, state.iteration, start_time)
+        saving = tr.save and (reason or (tr.save_interval and
+                                         state.iteration % tr.save_interval == 0))
+        if saving:
+            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state)
+            print_rank0(f"> saved checkpoint {last_saved}")
+        if reason:
+            print_rank0(f"> exiting at iteration {state.iteration}: {reason}")
+            result.exit_reason = reason
+            break
+    else:
+        if valid_ds is not None and state.iteration % tr.eval_interval != 0 and iters_this_run:
+            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result)
+        final_tag = checkpointing.tag_for(state.iteration)
+        if tr.save and iters_this_run and not (last_saved or "").endswith(final_tag):
+            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state)
+            print_rank0(f"> saved checkpoint {last_saved}")
+    if profiler is not None:
+        profiler.stop()
+    logger.close()
+    return result
+
+
+def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result) -> None:
+    loss, rstats = evaluate(engine, task, valid_ds, cfg, iteration)
+    result.valid_losses[iteration] = loss
+    logger.scalars("valid", {"lm loss": loss, "lm loss ppl": math.exp(min(loss, 50))}, iteration)
+    logger.routing("valid", rstats, iteration)
+    ppl = math.exp(min(loss, 50))
+    line = f" validation at iteration {iteration} | lm loss {loss:.6E} | ppl {ppl:.3f}"
+    if rstats is not None:
+        ent = " ".join(f"{v:.3f}" for v in rstats["normalized_entropy"])
+        mf = " ".join(f"{v:.3f}" for v in rstats["max_fraction"])
+        line += f"\n   per-layer H/logN: {ent}\n   per-layer max expert fraction: {mf}"
+    print_rank0(line)
+
+
+def _dp_mean(values: torch.Tensor) -> list[float]:
+    values = values.clone()
+    dist.all_reduce(values)
+    return (values / dist.get_world_size()).tolist()
+
+
+def _check_finite(lm_sum: torch.Tensor, iteration: int, last_checkpoint: Optional[str]) -> None:
+    bad = torch.tensor([0.0 if torch.isfinite(lm_sum) else 1.0])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        raise TrainingError(f"non-finite loss at iteration {iteration + 1}; last good "
+                            f"checkpoint: {last_checkpoint or 'none'}")
+
+
+def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str]:
+    tr = cfg.train
+    flags = torch.tensor([
+        1.0 if _SIGNAL["received"] else 0.0,
+        1.0 if (tr.exit_duration_in_mins and
+                (time.time() - start_time) / 60 >= tr.exit_duration_in_mins) else 0.0,
+    ])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] > 0:
+        return "SIGTERM received (--exit-signal-handler)"
+    if flags[1] > 0:
+        return f"--exit-duration-in-mins {tr.exit_duration_in_mins} reached"
+    if tr.exit_interval and iteration % tr.exit_interval == 0:
+        return f"--exit-interval {tr.exit_interval}"
+    return None
+
+
+def _maybe_profiler(cfg: Config):
+    tr = cfg.train
+    if not tr.profile:
+        return None
+    out = tr.tensorboard_dir or tr.save or "."
+    prof = torch.profiler.profile(
+        schedule=torch.profiler.schedule(wait=max(tr.profile_step_start - 1, 0), warmup=1,
+                                         active=tr.profile_step_end - tr.profile_step_start + 1,
+                                         repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(out))
+    prof.start()
+    return prof
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Entry-point wrapper: one-line errors (no traceback unless --debug), clean shutdown."""
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        main(argv)
+        shutdown()
+    except (ConfigError, checkpointing.CheckpointError, TrainingError, ValueError,
+            FileNotFoundError) as e:
+        if debug:
+            raise
+        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        print(f"error: {rank}{e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
