@@ -15,6 +15,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   echo "[setup_env] installing pinned dependencies into $VENV (a few minutes on first run)"
   # torch and torchvision first, as a pair, so no later resolution swaps torch.
   "$VENV/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
-  "$VENV/bin/pip" install -q -e "$ROOT[vision,eval,dev]"
+  "$VENV/bin/pip" install -q -e "${ROOT}[vision,eval,dev]"
   echo "$HASH" > "$STAMP"
 fi
