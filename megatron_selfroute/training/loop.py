@@ -101,8 +101,12 @@ def _check_writable(path: Optional[str], flag: str) -> None:
 def _batches(dataset, cfg: Config, consumed: int, total: int, collate) -> Any:
     rank, world = dist.get_rank(), dist.get_world_size()
     sampler = PretrainingSampler(total, consumed, cfg.train.micro_batch_size, rank, world)
+    # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
+    # resumed run would diverge from an uninterrupted one.
+    gen = torch.Generator().manual_seed(cfg.train.seed)
     return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=sampler,
-                                       num_workers=cfg.data.num_workers, collate_fn=collate)
+                                       num_workers=cfg.data.num_workers, collate_fn=collate,
+                                       generator=gen)
 
 
 def _to_device(batch: dict, device) -> dict:

@@ -2,17 +2,15 @@
 batch through gradient accumulation, for several steps."""
 import pytest
 
-from tests.distributed.harness import check, spawn
+from tests.distributed import train_cases
+from tests.distributed.train_cases import MOCK
 
 
 def run_layout(tmp_path, world, argvs):
-    env = {f"MSR_ARGV{i}": "\x1f".join(a) for i, a in enumerate(argvs)}
-    names = [f"argv{i}" for i in range(len(argvs))]
-    res = spawn(world, "tests.distributed.train_cases", names, tmp_path, env=env, timeout=600)
-    return [check(res, n)[0]["losses"] for n in names]
+    return [r["losses"] for r in train_cases.run_layout(tmp_path, world, argvs)]
 
 
-COMMON = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", "8",
+COMMON = MOCK + ["--micro-batch-size", "2", "--global-batch-size", "8",
           "--train-iters", "6", "--clip-grad", "0.05", "--hidden-dropout", "0",
           "--attention-dropout", "0"]
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 import os
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-        "--seq-length", "16", "--num-experts", "4", "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", "128", "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "1000",
-        "--eval-iters", "1", "--split", "90,10,0", "--seed", "5"]
+        "--seq-length", "16", "--num-experts", "4", "--lr", "3e-3", "--log-interval", "1",
+        "--eval-interval", "1000", "--eval-iters", "1", "--seed", "5"]
+MOCK = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127"]
+
+
+def real_data(prefix: str) -> list[str]:
+    """Flags for the real GPT-2-tokenised corpus at `prefix`."""
+    return ["--data-path", prefix, "--tokenizer-type", "GPT2BPETokenizer", "--split", "95,5,0"]
 
 
 def run(argv: list[str]) -> dict:
@@ -18,9 +23,19 @@ def run(argv: list[str]) -> dict:
             "exit": result.exit_reason, "iteration": result.iteration}
 
 
+def run_layout(out_dir, world: int, argvs: list[list[str]], timeout: float = 600) -> list[dict]:
+    """Parent side: run each argv as one training run in a single `world`-process group."""
+    from tests.distributed.harness import check, spawn
+
+    env = {f"MSR_ARGV{i}": "\x1f".join(a) for i, a in enumerate(argvs)}
+    names = [f"argv{i}" for i in range(len(argvs))]
+    res = spawn(world, "tests.distributed.train_cases", names, out_dir, env=env, timeout=timeout)
+    return [check(res, n)[0] for n in names]
+
+
 def _case(argv_env: str):
     return lambda: run(os.environ[argv_env].split("\x1f"))
 
 
 # A case's argv travels in an environment variable (set by the test) named after it.
-CASES = {f"argv{i}": _case(f"MSR_ARGV{i}") for i in range(8)}
+CASES = {f"argv{i}": _case(f"MSR_ARGV{i}") for i in range(64)}
