@@ -1,5 +1,6 @@
 """pretrain_gpt.py as users run it: SIGTERM (as SLURM preemption sends) saves a checkpoint
-that resumes exactly, TensorBoard holds every MoE layer's routing tags, bad flags fail before any work."""
+that resumes exactly, TensorBoard holds every MoE layer's routing tags, bad flags fail before
+any work."""
 import os
 import signal
 import subprocess
