@@ -48,7 +48,14 @@ class Task:
     collate: Callable[[list], dict]
     flops_per_sample: Callable[[Config], float]
     tokens_per_sample: Callable[[Config], int]
-    deepspeed_extra: Optional[dict] = None
+    # Name of the main loss among forward_step's metrics (the others are averaged and logged).
+    loss_name: str = "lm loss"
+    # (cfg, dataset, consumed_samples, total_samples) -> iterable of batches; default: the
+    # Megatron sequential order of data/samplers.py.
+    make_train_loader: Optional[Callable[[Config, Any, int, int], Any]] = None
+    # Called after every optimizer step with (engine, iteration), e.g. for a model EMA.
+    after_step: Optional[Callable[[Any, int], None]] = None
+    report_perplexity: bool = True
 
 
 @dataclass
@@ -114,26 +121,32 @@ def _to_device(batch: dict, device) -> dict:
             for k, v in batch.items()}
 
 
-def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[float, Any]:
-    """Mean lm loss over --eval-iters micro-batches of `dataset` (from its start), and routing."""
+def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[dict, Any]:
+    """Every forward_step metric averaged over --eval-iters micro-batches of `dataset` (from its
+    start, on all ranks), and the routing statistics."""
     engine.eval()
     acc = RoutingAccumulator()
-    total, n = torch.zeros(1, dtype=torch.float64), 0
+    sums: dict[str, float] = {}
+    n = 0
     world = dist.get_world_size()
     needed = cfg.train.eval_iters * cfg.train.micro_batch_size * world
+    needed -= needed % (cfg.train.micro_batch_size * world)
     loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate)
     with torch.no_grad():
         for batch in loader:
             _, metrics = task.forward_step(engine, _to_device(batch, engine.device), iteration)
-            total += metrics["lm loss"].double().cpu()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
             model = engine.module
             if getattr(model, "moe_layers", None):
                 acc.add(*model.routing_counts())
     engine.train()
-    stats = torch.cat([total, torch.tensor([n], dtype=torch.float64)])
+    names = sorted(sums)
+    stats = torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64)
     dist.all_reduce(stats)
-    return (stats[0] / stats[1].clamp(min=1)).item(), acc.reduce_and_reset()
+    count = max(stats[-1].item(), 1)
+    return {k: stats[i].item() / count for i, k in enumerate(names)}, acc.reduce_and_reset()
 
 
 def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunResult:
@@ -177,8 +190,9 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
     train_ds, valid_ds, _ = task.build_datasets(cfg, [tr.train_iters * gbs, n_eval,
                                                       tr.eval_iters * gbs])
-    loader = iter(_batches(train_ds, cfg, state.consumed_train_samples, tr.train_iters * gbs,
-                           task.collate))
+    make_loader = task.make_train_loader or (
+        lambda c, ds, consumed, total: _batches(ds, c, consumed, total, task.collate))
+    loader = iter(make_loader(cfg, train_ds, state.consumed_train_samples, tr.train_iters * gbs))
     logger = MetricsLogger(tr.tensorboard_dir, cfg.to_dict(), tr.wandb_project)
     if tr.exit_signal_handler:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -204,7 +218,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         for micro in range(accum):
             batch = _to_device(next(loader), engine.device)
             loss, metrics = task.forward_step(engine, batch, it)
-            lm_sum += metrics["lm loss"].double().cpu()
+            lm_sum += metrics[task.loss_name].double().cpu()
             aux_sum += metrics["aux loss"].double().cpu()
             if getattr(engine.module, "moe_layers", None):
                 routing.add(*engine.module.routing_counts())
@@ -215,6 +229,8 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
                 own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
             engine.step()
         step_timer.stop()
+        if task.after_step is not None:
+            task.after_step(engine, it + 1)
         state.iteration += 1
         state.consumed_train_samples += gbs
         iters_this_run += 1
@@ -232,7 +248,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             grad_norm = own_norm if engine.own_clipping else engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             tflops = flops_per_iter / per_iter / 1e12 / world
-            metrics_out = {"lm loss": interval["lm"] / interval["n"],
+            metrics_out = {task.loss_name: interval["lm"] / interval["n"],
                            "aux loss": interval["aux"] / interval["n"], "learning-rate": lr,
                            "grad-norm": grad_norm, "tokens-per-sec": tokens_per_iter / per_iter,
                            "tflops-per-device": tflops,
@@ -246,7 +262,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "
                     f"{state.consumed_train_samples:10d} | elapsed time per iteration (ms): "
                     f"{per_iter * 1000:.1f} | learning rate {lr:.3E} | global batch size "
-                    f"{gbs:5d} | lm loss {metrics_out['lm loss']:.6E} | aux loss "
+                    f"{gbs:5d} | {task.loss_name} {metrics_out[task.loss_name]:.6E} | aux loss "
                     f"{metrics_out['aux loss']:.4E} | grad norm {grad_norm:.3f} | tokens/s "
                     f"{metrics_out['tokens-per-sec']:.0f} | TFLOP/s/device {tflops:.3f}")
             if peak:
@@ -283,12 +299,16 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
 
 
 def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result) -> None:
-    loss, rstats = evaluate(engine, task, valid_ds, cfg, iteration)
+    metrics, rstats = evaluate(engine, task, valid_ds, cfg, iteration)
+    loss = metrics[task.loss_name]
     result.valid_losses[iteration] = loss
-    logger.scalars("valid", {"lm loss": loss, "lm loss ppl": math.exp(min(loss, 50))}, iteration)
+    if task.report_perplexity:
+        metrics[f"{task.loss_name} ppl"] = math.exp(min(loss, 50))
+    logger.scalars("valid", metrics, iteration)
     logger.routing("valid", rstats, iteration)
-    ppl = math.exp(min(loss, 50))
-    line = f" validation at iteration {iteration} | lm loss {loss:.6E} | ppl {ppl:.3f}"
+    parts = " | ".join(f"{k} {v:.6E}" if k == task.loss_name else f"{k} {v:.4f}"
+                       for k, v in metrics.items())
+    line = f" validation at iteration {iteration} | {parts}"
     if rstats is not None:
         ent = " ".join(f"{v:.3f}" for v in rstats["normalized_entropy"])
         mf = " ".join(f"{v:.3f}" for v in rstats["max_fraction"])
