@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_selfroute.moe.router import RouterOutput
@@ -120,13 +121,43 @@ class AllToAllDispatcher:
         return out.to(y_RD.dtype)
 
 
+def grouped_mm_available(x: Tensor) -> bool:
+    """torch's grouped GEMM pays off for bf16 on Hopper-class GPUs (capability >= 9.0)."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
 def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: list[int],
-                grouped: bool = False) -> Tensor:
-    """Apply local expert e to its contiguous row block (a loop; empty blocks are skipped)."""
+                mode: str = "auto") -> Tensor:
+    """Apply local expert e to its contiguous row block of `x_RD` ([R, D], `counts[e]` rows each).
+
+    `mode`: "loop" runs one GEMM pair per non-empty expert; "grouped" runs all experts in one
+    `torch._grouped_mm` per projection; "auto" picks grouped for bf16 on Hopper, else the loop.
+    """
+    if mode == "grouped" or (mode == "auto" and grouped_mm_available(x_RD)):
+        return _grouped_experts(experts, x_RD, counts)
     outs = []
     for expert, rows in zip(experts, torch.split(x_RD, counts), strict=True):
         outs.append(expert(rows) if rows.shape[0] else rows)
     return torch.cat(outs) if outs else x_RD
+
+
+def _grouped_experts(experts: nn.ModuleList, x_RD: Tensor, counts: list[int]) -> Tensor:
+    if x_RD.shape[0] == 0:
+        return x_RD.clone()
+    offs = torch.tensor(counts, device=x_RD.device).cumsum(0).to(torch.int32)
+    group_R = torch.repeat_interleave(torch.arange(len(counts), device=x_RD.device),
+                                      torch.tensor(counts, device=x_RD.device))
+    fc_w = torch.stack([e.c_fc.weight for e in experts])  # [G, F, D]
+    proj_w = torch.stack([e.c_proj.weight for e in experts])  # [G, D, F]
+    h_RF = torch._grouped_mm(x_RD, fc_w.transpose(1, 2), offs=offs)
+    if experts[0].c_fc.bias is not None:
+        h_RF = h_RF + torch.stack([e.c_fc.bias for e in experts])[group_R]
+    h_RF = F.gelu(h_RF, approximate=experts[0].gelu_approximation)
+    y_RD = torch._grouped_mm(h_RF, proj_w.transpose(1, 2), offs=offs)
+    if experts[0].c_proj.bias is not None:
+        y_RD = y_RD + torch.stack([e.c_proj.bias for e in experts])[group_R]
+    return y_RD
 
 
 class DeepSpeedGateAdapter(nn.Module):

@@ -55,6 +55,7 @@ class MoELayer(DeepSpeedMoE):
         self.layer_number = layer_number
         self.moe_index = moe_index
         self.dispatcher_type = moe_cfg.moe_token_dispatcher_type
+        self.expert_compute = moe_cfg.moe_grouped_gemm
         self.router = build_router(moe_cfg, model_cfg.hidden_size, layer_number, moe_index,
                                    seed, model_cfg.init_method_std)
         expert = MLP(model_cfg.hidden_size, moe_cfg.moe_ffn_hidden_size or model_cfg.ffn_size,
@@ -113,7 +114,7 @@ class MoELayer(DeepSpeedMoE):
             y_TD = self.deepspeed_moe(x_TD, None)
         else:
             rows_RD, counts, state = self.dispatcher.dispatch(x_TD, routing)
-            out_RD = run_experts(self.local_experts, rows_RD, counts)
+            out_RD = run_experts(self.local_experts, rows_RD, counts, self.expert_compute)
             y_TD = self.dispatcher.combine(out_RD, state)
         return y_TD.view(shape), routing.aux_loss + routing.z_loss
 
