@@ -49,6 +49,7 @@ class ResumeState:
 
     iteration: int = 0
     consumed_train_samples: int = 0
+    skipped_steps: int = 0
 
 
 def tag_for(iteration: int) -> str:
@@ -113,6 +114,7 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState) -> s
     if rank == 0:
         run_state = {"iteration": state.iteration,
                      "consumed_train_samples": state.consumed_train_samples,
+                     "skipped_steps": state.skipped_steps,
                      "world_size": dist.get_world_size(), "config": cfg.to_dict()}
         with open(os.path.join(tmp_path, "run_state.json"), "w") as f:
             json.dump(run_state, f, indent=1)
@@ -187,4 +189,5 @@ def load_checkpoint(engine, load_dir: str, cfg: Config) -> Optional[ResumeState]
         if not os.path.isfile(rng_file):
             raise CheckpointError(f"{rng_file} is missing (use --no-load-rng to skip)")
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    return ResumeState(run_state["iteration"], run_state["consumed_train_samples"])
+    return ResumeState(run_state["iteration"], run_state["consumed_train_samples"],
+                       run_state.get("skipped_steps", 0))

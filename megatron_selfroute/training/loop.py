@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -22,6 +23,7 @@ from megatron_selfroute.arguments import ConfigError, validate
 from megatron_selfroute.config import Config
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
 from megatron_selfroute.parallel.engine import (
+    CheckpointLoadError,
     build_engine,
     clip_gradients_stage0,
     gradient_accumulation_steps,
@@ -215,19 +217,35 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         step_timer.start()
         lm_sum, aux_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         own_norm = None
+        skip_step = False
         for micro in range(accum):
             batch = _to_device(next(loader), engine.device)
             loss, metrics = task.forward_step(engine, batch, it)
-            lm_sum += metrics[task.loss_name].double().cpu()
-            aux_sum += metrics["aux loss"].double().cpu()
+            loss = _injected_fault(loss, it + 1)
+            if _any_rank_nonfinite(loss):
+                skip_step = skip_step or _skip_or_stop(state, tr, it + 1, "loss",
+                                                       last_saved or tr.load)
+                engine.backward(_zero_loss(engine.module))  # keeps every rank's collectives
+            else:
+                lm_sum += metrics[task.loss_name].double().cpu()
+                aux_sum += metrics["aux loss"].double().cpu()
+                engine.backward(loss)
             if getattr(engine.module, "moe_layers", None):
                 routing.add(*engine.module.routing_counts())
-            if micro == accum - 1:
-                _check_finite(lm_sum, it, last_saved or tr.load)
-            engine.backward(loss)
-            if micro == accum - 1 and engine.own_clipping:
+            if micro == accum - 1 and engine.own_clipping and not skip_step:
                 own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
+                if not math.isfinite(own_norm):
+                    skip_step = _skip_or_stop(state, tr, it + 1, "gradient norm",
+                                              last_saved or tr.load)
+            if micro == accum - 1 and skip_step:
+                for group in engine.optimizer.param_groups:  # no weight update this step
+                    group["lr"] = 0.0
             engine.step()
+        if not skip_step and not engine.own_clipping:
+            norm = engine.get_global_grad_norm()
+            if norm is not None and not math.isfinite(float(norm)):
+                raise TrainingError(f"non-finite gradient norm at iteration {it + 1}; last good "
+                                    f"checkpoint: {last_saved or tr.load or 'none'}")
         step_timer.stop()
         if task.after_step is not None:
             task.after_step(engine, it + 1)
@@ -235,21 +253,26 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         state.consumed_train_samples += gbs
         iters_this_run += 1
         lm_loss, aux_loss = _dp_mean(torch.stack([lm_sum, aux_sum]) / accum)
-        result.losses[state.iteration] = lm_loss
         result.iteration = state.iteration
-        interval["lm"] += lm_loss
-        interval["aux"] += aux_loss
-        interval["n"] += 1
+        if skip_step:
+            result.losses[state.iteration] = float("nan")
+        else:
+            result.losses[state.iteration] = lm_loss
+            interval["lm"] += lm_loss
+            interval["aux"] += aux_loss
+            interval["n"] += 1
         if profiler is not None:
             profiler.step()
         if state.iteration % tr.log_interval == 0 or state.iteration == tr.train_iters:
             elapsed = step_timer.pop()
-            per_iter = elapsed / interval["n"]
+            n_logged = max(interval["n"], 1)
+            per_iter = elapsed / n_logged
             grad_norm = own_norm if engine.own_clipping else engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             tflops = flops_per_iter / per_iter / 1e12 / world
-            metrics_out = {task.loss_name: interval["lm"] / interval["n"],
-                           "aux loss": interval["aux"] / interval["n"], "learning-rate": lr,
+            metrics_out = {task.loss_name: interval["lm"] / n_logged,
+                           "aux loss": interval["aux"] / n_logged, "learning-rate": lr,
+                           "skipped-steps": float(state.skipped_steps),
                            "grad-norm": grad_norm, "tokens-per-sec": tokens_per_iter / per_iter,
                            "tflops-per-device": tflops,
                            "consumed-samples": float(state.consumed_train_samples)}
@@ -271,6 +294,8 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
                 h = sum(rstats["normalized_entropy"]) / len(rstats["normalized_entropy"])
                 mf = sum(rstats["max_fraction"]) / len(rstats["max_fraction"])
                 line += f" | routing H/logN {h:.3f} max-frac {mf:.3f}"
+            if state.skipped_steps:
+                line += f" | skipped steps {state.skipped_steps}"
             print_rank0(line + f" | ETA {format_eta(eta)}")
             interval = {"lm": 0.0, "aux": 0.0, "n": 0}
         if valid_ds is not None and state.iteration % tr.eval_interval == 0:
@@ -322,12 +347,39 @@ def _dp_mean(values: torch.Tensor) -> list[float]:
     return (values / dist.get_world_size()).tolist()
 
 
-def _check_finite(lm_sum: torch.Tensor, iteration: int, last_checkpoint: Optional[str]) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(lm_sum) else 1.0])
+def _any_rank_nonfinite(loss: torch.Tensor) -> bool:
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() > 0:
-        raise TrainingError(f"non-finite loss at iteration {iteration + 1}; last good "
-                            f"checkpoint: {last_checkpoint or 'none'}")
+    return bad.item() > 0
+
+
+def _skip_or_stop(state, tr, iteration: int, what: str, last_checkpoint: Optional[str]) -> bool:
+    """Count a skipped step under --skip-nan-steps, else stop naming the last good checkpoint."""
+    if state.skipped_steps < tr.skip_nan_steps:
+        state.skipped_steps += 1
+        print_rank0(f"> non-finite {what} at iteration {iteration}: step skipped "
+                    f"({state.skipped_steps}/{tr.skip_nan_steps} allowed by --skip-nan-steps)")
+        return True
+    raise TrainingError(f"non-finite {what} at iteration {iteration}; last good checkpoint: "
+                        f"{last_checkpoint or 'none'} (--skip-nan-steps N skips such steps)")
+
+
+def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A finite zero loss touching every trainable parameter (all-zero gradients)."""
+    return sum((p.reshape(-1)[:1] * 0.0).sum() for p in model.parameters() if p.requires_grad)
+
+
+def _injected_fault(loss: torch.Tensor, iteration: int) -> torch.Tensor:
+    """Fault injection for tests: MEGATRON_SELFROUTE_NAN_AT="3,7" makes those iterations' losses
+    NaN (on every rank, or only on rank R with "3@R")."""
+    spec = os.environ.get("MEGATRON_SELFROUTE_NAN_AT")
+    if not spec:
+        return loss
+    for item in spec.split(","):
+        it, _, rank = item.partition("@")
+        if int(it) == iteration and (not rank or int(rank) == dist.get_rank()):
+            return loss * float("nan")
+    return loss
 
 
 def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str]:
@@ -361,16 +413,37 @@ def _maybe_profiler(cfg: Config):
     return prof
 
 
+def _is_comm_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        k in text for k in ("gloo", "nccl", "timed out", "connection closed", "connection reset",
+                            "broken pipe"))
+
+
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Entry-point wrapper: one-line errors (no traceback unless --debug), clean shutdown."""
+    """Entry-point wrapper: one-line errors (no traceback unless --debug), clean shutdown.
+
+    A failed collective (a peer rank died, or stalled past --distributed-timeout-minutes) ends
+    this rank at once with exit code 3, so no rank hangs on a dead job.
+    """
     debug = "--debug" in (argv if argv is not None else sys.argv)
     try:
         main(argv)
         shutdown()
     except (ConfigError, checkpointing.CheckpointError, TrainingError, ValueError,
-            FileNotFoundError) as e:
+            FileNotFoundError, CheckpointLoadError) as e:
         if debug:
             raise
         rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
         print(f"error: {rank}{e}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except Exception as e:
+        if not _is_comm_failure(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {rank}collective communication failed: {first} (a peer rank died or "
+              "stalled past --distributed-timeout-minutes)", file=sys.stderr, flush=True)
+        os._exit(3)
