@@ -41,8 +41,26 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         _disable_shm_comm()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    _default_group_timeout(timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Give every later `new_group` (DeepSpeed's expert and data groups) the same timeout as the
+    world group; torch would otherwise use its 30-minute default and a stalled rank could hang
+    its peers that long."""
+    if getattr(dist.new_group, "_msr_timeout", None) == timeout:
+        return
+    plain = getattr(dist.new_group, "_msr_plain", dist.new_group)
+
+    def new_group(*args, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = timeout
+        return plain(*args, **kwargs)
+
+    new_group._msr_timeout, new_group._msr_plain = timeout, plain
+    dist.new_group = new_group
 
 
 def _free_port() -> int:
