@@ -75,12 +75,16 @@ def biased_router(layer: MoELayer, bias: float) -> None:
     layer.router.logits = logits
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of distinct tensors autograd saves for backward while running fn()."""
+def saved_bytes(fn, params=()) -> int:
+    """Bytes of distinct activation tensors autograd saves for backward while running fn()
+    (storages of the modules' own parameters excluded: they exist whatever the routing)."""
     seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -99,12 +103,12 @@ def step_time(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def peak_memory(fn, device) -> int:
+def peak_memory(fn, device, params) -> int:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         fn().float().sum().backward()
         return torch.cuda.max_memory_allocated()
-    return saved_bytes(fn)
+    return saved_bytes(fn, params)
 
 
 def layer_bench(args) -> dict:
@@ -114,16 +118,19 @@ def layer_bench(args) -> dict:
     limit = MLP(args.hidden, args.ffn, bias=True).to(args.device, args.dtype)
     slots = x.repeat_interleave(args.topk, 0)  # one FFN over all T*k token-slots
     variants = {"limit": lambda: limit(slots)}
+    params = {"limit": list(limit.parameters())}
     rows = []
     for target in args.imbalance:
         for disp in args.dispatchers:
             layer = build_layer(args, disp, "learned")
             biased_router(layer, bias_for_max_fraction(layer, x.float(), target))
             variants[f"{disp}@{target}"] = (lambda lay=layer: lay(x)[0])
+            params[f"{disp}@{target}"] = list(layer.parameters())
             rows.append(("learned", disp, target, layer))
     for router in ("self", "learned", "fixed-random", "random"):
         layer = build_layer(args, "alltoall", router)
         variants[f"alltoall@{router}"] = (lambda lay=layer: lay(x)[0])
+        params[f"alltoall@{router}"] = list(layer.parameters())
         rows.append((router, "alltoall", None, layer))
     for fn in variants.values():  # warm-up
         step_time(fn, args.device)
@@ -131,7 +138,7 @@ def layer_bench(args) -> dict:
     for _ in range(args.reps):  # interleaved repetitions
         for k, fn in variants.items():
             times[k].append(step_time(fn, args.device))
-    mem = {k: peak_memory(fn, args.device) for k, fn in variants.items()}
+    mem = {k: peak_memory(fn, args.device, params[k]) for k, fn in variants.items()}
     base_t, base_m = statistics.median(times["limit"]), mem["limit"]
     table = []
     for router, disp, target, layer in rows:
