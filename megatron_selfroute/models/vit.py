@@ -1,0 +1,278 @@
+"""Vision Transformer (DeiT) built from the project's blocks, dense or MoE, for one device.
+
+DeiT conventions (timm `VisionTransformer` as DeiT uses it): a conv patch embedding, a class
+token, learned absolute positions, pre-LayerNorm blocks with *bidirectional* attention and exact
+GELU, LayerNorm epsilon 1e-6, stochastic depth rising linearly from 0 to --drop-path over the
+blocks, a final LayerNorm and a linear head on the class token. Parameter names reuse the GPT-2
+block names (`ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`) so MoE
+layers, routers and checkpoints work as in GPTModel.
+
+MoE: any block's MLP may be an `MoELayer` (any router). The DeiT-S MoE setting of the paper puts
+MoE in blocks 1, 3, ..., 11 ("every 2", the V-MoE convention; Megatron-DeepSpeed
+`--expert-interval 2`; pattern `[0,1]*6`), 4 experts top-2.
+
+Initialisation is a pure function of (seed, parameter name) with global expert ids, so every
+process count and expert-parallel layout starts from the same model: truncated normal
+(std --init-method-std, DeiT's 0.02) for every weight matrix, the patch-embedding kernel, the
+class token and the positions; zero biases; unit LayerNorm gains.
+
+Model EMA (`enable_ema`): an fp32 buffer `ema_<name>` beside every parameter, on the module that
+owns it, so DeepSpeed checkpoints carry it (expert EMAs go into the per-expert files) and it never
+receives gradients; `_apply` keeps it fp32 under `.bfloat16()` (a 0.99996 EMA vanishes in bf16).
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_selfroute.config import Config, ModelConfig
+from megatron_selfroute.models.transformer import MLP, CausalSelfAttention, layer_norm
+from megatron_selfroute.moe.layer import MoELayer
+from megatron_selfroute.moe.router import mix_seed
+
+_EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+# DeiT presets (Touvron et al. 2021, Table 1): depth, width, heads; MLP 4x; patch 16 at 224.
+PRESETS: dict[str, dict[str, int]] = {
+    "deit_tiny_patch16_224": dict(num_layers=12, hidden_size=192, num_attention_heads=3,
+                                  patch_size=16, img_size=224),
+    "deit_small_patch16_224": dict(num_layers=12, hidden_size=384, num_attention_heads=6,
+                                   patch_size=16, img_size=224),
+    "deit_base_patch16_224": dict(num_layers=12, hidden_size=768, num_attention_heads=12,
+                                  patch_size=16, img_size=224),
+}
+
+
+@dataclass
+class ViTConfig:
+    """Image-specific shape and regularisation (the transformer shape lives in ModelConfig)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_path_rate: float = 0.1
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image ((img / patch)^2)."""
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length: patches + the class token."""
+        return self.num_patches + 1
+
+
+def every_second_block(num_layers: int) -> str:
+    """V-MoE "every 2" placement (MoE in blocks 1, 3, ...) as a --moe-layer-freq pattern."""
+    return str([i % 2 for i in range(num_layers)])
+
+
+def apply_vit_defaults(model: ModelConfig) -> None:
+    """timm/DeiT block details that differ from GPT-2: exact GELU and LayerNorm eps 1e-6."""
+    model.gelu_approximation = "none"
+    model.layernorm_epsilon = 1e-6
+
+
+def trunc_normal(shape: torch.Size, std: float, gen: torch.Generator) -> Tensor:
+    """N(0, std^2) truncated to [-2 std, 2 std] (timm/DeiT init) by inverse CDF, like
+    `nn.init.trunc_normal_` but fast with a generator."""
+    cdf = 0.5 * (1.0 + math.erf(-2.0 / math.sqrt(2.0)))  # Phi(-2)
+    u = torch.empty(shape).uniform_(2 * cdf - 1, 1 - 2 * cdf, generator=gen)
+    return u.erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-2 * std, 2 * std)
+
+
+class BidirectionalSelfAttention(CausalSelfAttention):
+    """Multi-head attention over all tokens (no mask); GPT-2 parameter names."""
+
+    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        b, s, d = x_BSD.shape
+        q, k, v = self.c_attn(x_BSD).split(d, dim=2)
+        q, k, v = (t.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
+                   for t in (q, k, v))
+        drop = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=False)
+        y = y.transpose(1, 2).contiguous().view(b, s, d)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm block (bidirectional attention, dense or MoE MLP) with stochastic depth."""
+
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, drop_path: float) -> None:
+        super().__init__()
+        self.ln_1 = layer_norm(cfg)
+        self.attn = BidirectionalSelfAttention(cfg)
+        self.ln_2 = layer_norm(cfg)
+        self.mlp = mlp
+        self.is_moe = isinstance(mlp, MoELayer)
+        self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x_BSD: Tensor, token_index: Optional[Tensor],
+                iteration: int) -> tuple[Tensor, Tensor]:
+        """Returns the new residual stream and this block's router losses (0 for dense)."""
+        x_BSD = x_BSD + self.drop_path(self.attn(self.ln_1(x_BSD)))
+        h_BSD = self.ln_2(x_BSD)
+        if self.is_moe:
+            y_BSD, aux = self.mlp(h_BSD, token_index, iteration)
+        else:
+            y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
+        return x_BSD + self.drop_path(self.mlp_dropout(y_BSD)), aux
+
+
+class VisionTransformer(nn.Module):
+    """ViT/DeiT classifier: images [B, C, H, W] -> logits [B, classes] (+ router losses)."""
+
+    def __init__(self, cfg: Config, vit: ViTConfig, ep_size: int = 1, init: bool = True) -> None:
+        super().__init__()
+        m, moe = cfg.model, cfg.moe
+        if vit.img_size % vit.patch_size:
+            raise ValueError(f"--patch-size {vit.patch_size} does not divide --img-size "
+                             f"{vit.img_size}")
+        self.cfg, self.vit = cfg, vit
+        self.pattern = moe.layer_pattern(m.num_layers)
+        d = m.hidden_size
+        self.patch_embed = nn.Conv2d(vit.in_chans, d, vit.patch_size, vit.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, vit.num_tokens, d))
+        self.pos_drop = nn.Dropout(m.hidden_dropout)
+        rates = torch.linspace(0, vit.drop_path_rate, m.num_layers).tolist()  # DeiT's rule
+        blocks, moe_index = [], 0
+        for i, is_moe in enumerate(self.pattern):
+            if is_moe:
+                mlp = MoELayer(m, moe, i, moe_index, ep_size, cfg.train.seed)
+                moe_index += 1
+            else:
+                mlp = MLP(d, m.ffn_size, not m.disable_bias_linear, m.gelu_approximation)
+            blocks.append(ViTBlock(m, mlp, rates[i]))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = layer_norm(m)
+        self.head = nn.Linear(d, vit.num_classes)
+        self.recompute = m.recompute_activations
+        self._ema: list[tuple[nn.Module, str, nn.Parameter]] = []
+        if init:
+            self.init_weights(cfg.train.seed)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in block order."""
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def init_weights(self, seed: int) -> None:
+        """Seeded per (global) parameter name: trunc-normal weights, zero biases, unit gains."""
+        std = self.cfg.model.init_method_std
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                canonical = name
+                match = _EXPERT_RE.search(name)
+                if match:  # local expert id -> global expert id
+                    layer = self.blocks[int(name.split(".")[1])].mlp
+                    global_id = layer.ep_rank * layer.num_local_experts + int(match.group(1))
+                    canonical = _EXPERT_RE.sub(f"deepspeed_experts.{global_id}.", name)
+                if ".ln_" in name or name.startswith("norm."):
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    gen = torch.Generator().manual_seed(
+                        mix_seed(seed, zlib.crc32(canonical.encode())))
+                    p.copy_(trunc_normal(p.shape, std, gen))
+
+    def forward(self, images: Tensor, token_index: Optional[Tensor] = None,
+                iteration: int = 0) -> tuple[Tensor, Tensor]:
+        """images [B, C, H, W]; token_index [B, S] global token ids for the random router.
+        Returns fp32 logits [B, classes] and the summed fp32 router losses."""
+        x = self.patch_embed(images.to(self.patch_embed.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # [B, patches, D]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            if self.recompute and self.training:
+                x, a = checkpoint(block, x, token_index, iteration, use_reentrant=False)
+            else:
+                x, a = block(x, token_index, iteration)
+            aux = aux + a
+        return self.head(self.norm(x)[:, 0]).float(), aux
+
+    def routing_counts(self) -> tuple[Tensor, Tensor]:
+        """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
+        layers = self.moe_layers
+        return (torch.stack([lay.last_tokens_per_expert for lay in layers]),
+                torch.stack([lay.last_dropped for lay in layers]))
+
+    # ---- model EMA --------------------------------------------------------------------------
+
+    def enable_ema(self) -> None:
+        """Add an fp32 EMA buffer beside every parameter, initialised to its current value."""
+        for name, p in list(self.named_parameters()):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            owner.register_buffer(f"ema_{leaf}", p.detach().float().clone(), persistent=True)
+            self._ema.append((owner, f"ema_{leaf}", p))
+
+    @property
+    def has_ema(self) -> bool:
+        """Whether `enable_ema` was called."""
+        return bool(self._ema)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * param (timm ModelEma, after each step)."""
+        emas = [owner._buffers[b] for owner, b, _ in self._ema]
+        torch._foreach_lerp_(emas, [p.detach().float() for _, _, p in self._ema], 1.0 - decay)
+
+    def ema_parameters(self) -> dict[str, Tensor]:
+        """Parameter name -> EMA value (in the parameter's dtype), for `functional_call`."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        return {names[id(p)]: owner._buffers[b].to(p.dtype) for owner, b, p in self._ema}
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves reach the EMA buffers, dtype casts do not (they stay fp32)."""
+        kept = [owner._buffers[b] for owner, b, _ in self._ema]
+        super()._apply(fn, recurse)
+        for (owner, b, _), old in zip(self._ema, kept, strict=True):
+            owner._buffers[b] = old.to(device=owner._buffers[b].device)
+        return self
+
+
+def vit_flops_per_image(cfg: Config, vit: ViTConfig) -> float:
+    """Forward matmul FLOPs per image on active parameters (MoE: k experts): patch embedding,
+    per block 2 x (QKV + output) x S + attention 2 x 2 x S^2 x D + MLP or k experts (+ router),
+    and the head. Training = 3x forward."""
+    m, moe = cfg.model, cfg.moe
+    d, s = m.hidden_size, vit.num_tokens
+    flops = 2.0 * vit.num_patches * vit.in_chans * vit.patch_size ** 2 * d
+    for is_moe in moe.layer_pattern(m.num_layers):
+        flops += 2 * 4 * d * d * s + 2 * 2 * s * s * d
+        if is_moe:
+            ffn = moe.moe_ffn_hidden_size or m.ffn_size
+            flops += moe.moe_router_topk * 2 * 2 * d * ffn * s
+            if moe.router_type in ("learned", "fixed-random"):
+                flops += 2 * d * moe.num_experts * s
+        else:
+            flops += 2 * 2 * d * m.ffn_size * s
+    return flops + 2 * d * vit.num_classes
+
+
+def describe(cfg: Config, vit: ViTConfig) -> str:
+    """One line: shape, tokens, parameters per image and MoE placement (for the log)."""
+    m = cfg.model
+    moe_blocks = [i for i, v in enumerate(cfg.moe.layer_pattern(m.num_layers)) if v]
+    gflops = vit_flops_per_image(cfg, vit) / 1e9
+    placement = f"MoE blocks {moe_blocks}" if moe_blocks else "dense"
+    return (f"ViT depth {m.num_layers} dim {m.hidden_size} heads {m.num_attention_heads} "
+            f"patch {vit.patch_size} img {vit.img_size} ({vit.num_tokens} tokens), "
+            f"{vit.num_classes} classes, drop path {vit.drop_path_rate}, {placement}, "
+            f"{gflops:.4g} GFLOPs per image forward")
