@@ -14,7 +14,7 @@ import pytest
 
 from megatron_selfroute.checkpoint.consolidated import load_checkpoint
 from megatron_selfroute.checkpoint.hf_export import export_hf
-from tests.integration.helpers import corpus_lines, random_model, run_tool, save_model, tiny_config
+from tests.integration.helpers import corpus_lines, random_model, run_main, save_model, tiny_config
 
 TASKS = {
     "local_mc": ("multiple_choice", "mc.jsonl", """
@@ -126,15 +126,16 @@ def test_scores_equal_lm_eval_hf_model(setup, kind, tasks):
 def test_cli_table_json_csv(setup, tmp_path):
     ckpt, _ = setup["moe"]
     out = tmp_path / "res" / "eval.json"
-    proc = run_tool("eval_lm.py", "--load", ckpt, "--tasks", "local_mc,local_wikitext",
-                    "--include-path", setup["tasks"], "--batch-size", "4", "--output", str(out),
-                    "--label", "tiny")
-    assert "| tiny |" in proc.stdout and "local_wikitext (word_perplexity)" in proc.stdout
+    code, stdout, err = run_main("eval_lm.py", "--load", ckpt, "--tasks",
+                                 "local_mc,local_wikitext", "--include-path", setup["tasks"],
+                                 "--batch-size", "4", "--output", str(out), "--label", "tiny")
+    assert code == 0, err
+    assert "| tiny |" in stdout and "local_wikitext (word_perplexity)" in stdout
     saved = json.loads(out.read_text())
     rows = {(r["task"], r["metric"]): r["value"] for r in saved["summary"]}
     assert rows[("local_wikitext", "word_perplexity")] == pytest.approx(
         saved["results"]["local_wikitext"]["word_perplexity,none"])
     csv_lines = out.with_suffix(".csv").read_text().splitlines()
     assert csv_lines[0] == "task,metric,value,stderr" and len(csv_lines) == 1 + len(rows)
-    bad = run_tool("eval_lm.py", "--load", str(tmp_path / "nope"), check=False)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
+    code, _, err = run_main("eval_lm.py", "--load", str(tmp_path / "nope"))
+    assert code == 1 and err.strip().count("\n") == 0 and "nope" in err
