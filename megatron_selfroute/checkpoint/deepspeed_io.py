@@ -64,7 +64,8 @@ def resolve_tag_dir(path: str) -> str:
     with open(pointer) as f:
         tag = f.read().strip()
     tag_dir = os.path.join(path, tag)
-    if not tag or not os.path.isfile(os.path.join(tag_dir, MODEL_STATES)):
+    if (not tag or "/" in tag or tag in (".", "..")
+            or not os.path.isfile(os.path.join(tag_dir, MODEL_STATES))):
         raise CheckpointFormatError(f"{pointer} names {tag!r}, which holds no {MODEL_STATES}")
     return tag_dir
 
