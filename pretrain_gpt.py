@@ -21,6 +21,12 @@ from megatron_selfroute.training.loop import Task, pretrain, run_main
 def forward_step(engine, batch: dict, iteration: int):
     """Mean lm loss over loss-masked tokens (+ router losses)."""
     tokens = batch["tokens"]
+    vocab = engine.module.vocab_size
+    top = int(torch.maximum(tokens.max(), batch["labels"].max()))
+    if top >= vocab:
+        raise ValueError(f"token id {top} >= vocabulary size {vocab} in sample "
+                         f"{int(batch['sample_index'][0])}: the data was tokenised with another "
+                         "tokenizer than --tokenizer-type/--vocab-size")
     seq = tokens.shape[1]
     token_index = batch["sample_index"].unsqueeze(1) * seq + torch.arange(seq,
                                                                           device=tokens.device)

@@ -215,8 +215,20 @@ class SafeCheckpointEngine:
             with torch.serialization.safe_globals(safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # an unsafe or corrupt file: refuse with a one-line reason
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointLoadError(f"{path}: refused to load ({first})") from None
+            raise CheckpointLoadError(f"{path}: refused to load ({describe_load_error(e)})"
+                                      ) from None
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line saying why torch.load(weights_only=True) refused a file."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Weights only load failed"):
+        detail = [ln for ln in lines[1:]
+                  if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        return "weights_only=True rejected it: " + (detail[0] if detail else "unsupported data")
+    return lines[0]
 
 
 class CheckpointLoadError(RuntimeError):

@@ -100,7 +100,17 @@ def setup_moe_groups(model: torch.nn.Module, ep_size: int) -> None:
 
 
 def shutdown() -> None:
-    """Barrier and destroy the process group (clean exit of every rank)."""
+    """Barrier and destroy the process group (clean exit of every rank); DeepSpeed's cached
+    groups are forgotten too, so a later init in the same process starts afresh."""
+    from deepspeed.utils import groups
+
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                 "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+                 "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP"):
+        setattr(groups, name, None)

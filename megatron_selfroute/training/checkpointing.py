@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_selfroute.config import Config
+from megatron_selfroute.parallel.engine import CheckpointLoadError
 
 POINTER = "latest_checkpointed_iteration.txt"
 
@@ -63,7 +64,7 @@ def read_pointer(load_dir: str) -> Optional[str]:
     if not os.path.isfile(path):
         return None
     tag = open(path).read().strip()
-    if not tag or not os.path.isdir(os.path.join(load_dir, tag)):
+    if not tag or "/" in tag or not os.path.isdir(os.path.join(load_dir, tag)):
         raise CheckpointError(f"{path} names {tag!r}, which is not a checkpoint directory")
     return tag
 
@@ -176,10 +177,16 @@ def load_checkpoint(engine, load_dir: str, cfg: Config) -> Optional[ResumeState]
         raise CheckpointError(f"{path} was saved by {run_state['world_size']} processes, this run "
                               f"has {world}; pass --no-load-optim or --finetune to load weights "
                               "only")
-    load_path, _ = engine.load_checkpoint(load_dir, tag=tag,
-                                          load_optimizer_states=not module_only,
-                                          load_lr_scheduler_states=False,
-                                          load_module_only=module_only)
+    try:
+        load_path, _ = engine.load_checkpoint(load_dir, tag=tag,
+                                              load_optimizer_states=not module_only,
+                                              load_lr_scheduler_states=False,
+                                              load_module_only=module_only)
+    except CheckpointLoadError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from None
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no model states")
     if tr.finetune:

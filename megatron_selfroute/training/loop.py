@@ -192,6 +192,9 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
     train_ds, valid_ds, _ = task.build_datasets(cfg, [tr.train_iters * gbs, n_eval,
                                                       tr.eval_iters * gbs])
+    if train_ds is None:
+        raise ConfigError(f"--split {cfg.data.split} leaves no training data in --data-path "
+                          f"{' '.join(cfg.data.data_path)}")
     make_loader = task.make_train_loader or (
         lambda c, ds, consumed, total: _batches(ds, c, consumed, total, task.collate))
     loader = iter(make_loader(cfg, train_ds, state.consumed_train_samples, tr.train_iters * gbs))

@@ -1,0 +1,80 @@
+"""Every bad input is one clear error: a one-line message naming the culprit, a non-zero exit, no
+traceback, and no existing output overwritten. All cases run in one spawned process."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+NEEDLES = {
+    "ep_not_divisor": "--num-experts 4 is not divisible by --expert-model-parallel-size 3",
+    "topk_range": "--moe-router-topk 5 must be between 1 and --num-experts 4",
+    "bf16_fp16": "--bf16 and --fp16 are mutually exclusive",
+    "iters_and_samples": "--train-iters and --train-samples are mutually exclusive",
+    "dropout_range": "--hidden-dropout must be in [0, 1)",
+    "alias_conflict": "--topk 3 conflicts with --moe-router-topk 2",
+    "zero3": "--zero-stage 3",
+    "global_batch": "--global-batch-size 3 is not divisible",
+    "top1_no_presoftmax": "--moe-router-pre-softmax",
+    "self_dims_overflow": "--num-experts 64 <= --hidden-size 32",
+    "no_data": "--data-path is required",
+    "missing_prefix": "nope.idx",
+    "truncated_bin": "trunc.bin: truncated",
+    "corrupt_idx": "badidx.idx: not an MMIDIDX index file",
+    "empty_dataset": "empty: empty dataset",
+    "ids_beyond_vocab": "token id 999 >= vocabulary size 127",
+    "split_too_small": "--split 1,0,99 leaves no training data",
+    "router_mismatch": "trained with --router-type self, this run has --router-type learned",
+    "shape_mismatch": "trained with --hidden-size 32, this run has --hidden-size 64",
+    "missing_expert_file": "layer_0_expert_1_mp_rank_00_model_states.pt",
+    "corrupt_checkpoint": "mp_rank_00_model_states.pt: refused to load",
+    "malicious_pickle": "refused to load (weights_only=True rejected it",
+    "layout_mismatch": "--expert-model-parallel-size 2, this run 1",
+    "not_a_checkpoint": "run_state.json: not a checkpoint",
+    "dangling_pointer": "names 'iter_0000099', which is not a checkpoint directory",
+    "vocab_file_missing": "nope.json",
+    "merges_wrong_format": "merges.json",
+    "sentencepiece_garbage": "garbage.model: not a SentencePiece model",
+    "ds_json_malformed": "bad.json: invalid JSON at line 2",
+    "ds_json_conflict": "train_micro_batch_size_per_gpu = 8 conflicts with --micro-batch-size 2",
+    "ds_json_scheduler": "'scheduler' is not supported",
+    "ds_json_optimizer": "optimizer type 'SGD' is not supported",
+    "ds_json_missing": "none.json: file not found",
+    "save_unwritable": "--save",
+    "tensorboard_unwritable": "--tensorboard-dir",
+    "preprocess_bad_json": "docs.jsonl:2: invalid JSON",
+    "preprocess_missing_key": "nokey.jsonl:1: missing key 'text'",
+    "preprocess_missing_input": "absent.jsonl",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bad_inputs")
+    r = subprocess.run([sys.executable, "-m", "tests.bad_inputs.runner", str(work)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_at_least_thirty_cases(report):
+    assert len(NEEDLES) >= 30
+    assert set(NEEDLES) <= set(report)
+
+
+@pytest.mark.parametrize("case", sorted(NEEDLES))
+def test_one_clear_line(report, case):
+    res = report[case]
+    assert res["rc"] not in (0, -1), res
+    err_lines = [ln for ln in res["stderr"].splitlines() if "error:" in ln]
+    assert len(err_lines) == 1, res["stderr"]
+    assert NEEDLES[case] in err_lines[0], err_lines[0]
+    assert "Traceback" not in res["stderr"]
+    assert res.get("guard_intact", True), "an existing output was modified"
+
+
+def test_malicious_payload_never_ran(report):
+    assert report["_pwned"]["stderr"] == "False"
