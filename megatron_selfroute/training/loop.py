@@ -169,7 +169,9 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
     dist.barrier()
     torch.manual_seed(tr.seed)
-    if tr.deterministic:
+    if tr.deterministic:  # bit-exact resume on GPU (cuBLAS needs a fixed workspace)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     ep = cfg.parallel.expert_model_parallel_size
     model = task.build_model(cfg, ep)
