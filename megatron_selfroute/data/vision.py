@@ -131,13 +131,16 @@ class HFImages:
             self.split = split_name
             return d[split_name]
         errors = []
-        for split_name in wanted:
+        for split_name in wanted:  # the first spelling that loads
             try:
-                self.split = split_name
-                return datasets.load_dataset(name_or_path, split=split_name)
-            except ValueError as e:  # unknown split name: try the next spelling
+                ds = datasets.load_dataset(name_or_path, split=split_name)
+            except Exception as e:  # unknown split, no such dataset, offline...: one line
                 errors.append(_first_line(e))
-        raise ValueError(f"{self.where}: cannot load split {' or '.join(wanted)} ({errors[-1]})")
+                continue
+            self.split = split_name
+            return ds
+        raise ValueError(f"{self.where}: cannot load split {' or '.join(wanted)} "
+                         f"({'; '.join(errors)})")
 
     def __len__(self) -> int:
         return len(self.ds)
