@@ -176,7 +176,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     ep = cfg.parallel.expert_model_parallel_size
     model = task.build_model(cfg, ep)
     pattern = getattr(model, "pattern", None)
-    if pattern is not None:
+    if pattern is not None and any(pattern):
         print_rank0(f"> MoE layers at blocks {[i for i, v in enumerate(pattern) if v]} "
                     f"({cfg.moe.num_experts or 0} experts, top-{cfg.moe.moe_router_topk}, "
                     f"router {cfg.moe.router_type}, EP={ep}, dispatcher "
@@ -189,6 +189,12 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
         else:
             state = loaded
+            if state.consumed_train_samples != state.iteration * tr.global_batch_size:
+                raise checkpointing.CheckpointError(
+                    f"{tr.load} consumed {state.consumed_train_samples} samples in "
+                    f"{state.iteration} iterations; --global-batch-size "
+                    f"{tr.global_batch_size} does not match (use the checkpoint's global batch, "
+                    "or --finetune)")
             print_rank0(f"> resumed from {tr.load} at iteration {state.iteration}")
     gbs = tr.global_batch_size
     n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
