@@ -189,7 +189,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
         else:
             state = loaded
-            if state.consumed_train_samples != state.iteration * tr.global_batch_size:
+            if state.consumed_train_samples > state.iteration * tr.global_batch_size:
                 raise checkpointing.CheckpointError(
                     f"{tr.load} consumed {state.consumed_train_samples} samples in "
                     f"{state.iteration} iterations; --global-batch-size "

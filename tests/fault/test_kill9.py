@@ -3,6 +3,7 @@ killed with SIGKILL at random moments -- many land inside checkpoint saves -- an
 --load until it finishes; its final losses and weights equal an uninterrupted run's exactly."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +42,14 @@ def launch(argv, log_dir):
 def tb_losses(tb_dir):
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
+    if "train/lm loss" not in acc.Tags()["scalars"]:
+        return {}
     return {e.step: e.value for e in acc.Scalars("train/lm loss")}
+
+
+def logged_losses(log):
+    """(iteration, printed lm loss) of every step a run logged before it ended or was killed."""
+    return re.findall(r"iteration +(\d+)/ +\d+ .*?\| lm loss (\S+) \|", log.read_text())
 
 
 def final_weights(ckpt):
@@ -90,9 +98,15 @@ def trial(tmp, seed, reference):
     rng = random.Random(seed)
     attempt, kills = run_with_kills(tmp, rng, max_kills=2)
     assert kills >= 1
+    # every step any attempt ran (re-runs after a resume included) printed the reference's loss
+    steps = set()
+    for a in range(1, attempt + 1):
+        for step, text in logged_losses(tmp / f"attempt{a}" / "rank0.log"):
+            assert text == reference["printed"][int(step)], (a, step, text)
+            steps.add(int(step))
+    assert steps == set(range(1, ITERS + 1))
     final = tb_losses(tmp / f"tb{attempt}")
-    assert final, "the last attempt trained at least one step"
-    for step, value in final.items():
+    for step, value in final.items():  # and the last attempt's exact float32 TensorBoard values
         assert value == reference["losses"][step], (step, value, reference["losses"][step])
     tag, weights = final_weights(tmp / "ckpt")
     assert tag == reference["tag"]
@@ -108,7 +122,8 @@ def reference(tmp_path_factory):
                    tmp / "logs")
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     tag, weights = final_weights(tmp / "ckpt")
-    return {"losses": tb_losses(tmp / "tb"), "tag": tag, "weights": weights}
+    printed = {int(k): v for k, v in logged_losses(tmp / "logs" / "rank0.log")}
+    return {"losses": tb_losses(tmp / "tb"), "printed": printed, "tag": tag, "weights": weights}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
