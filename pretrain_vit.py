@@ -249,6 +249,8 @@ def make_task(cfg: Config, ns: argparse.Namespace) -> Task:
         make_train_loader=make_train_loader,
         after_step=after_step if ns.model_ema else None,
         report_perplexity=False,
+        shape_config={"img_size": vit.img_size, "patch_size": vit.patch_size,
+                      "num_classes": vit.num_classes, "model_ema": bool(ns.model_ema)},
     )
 
 

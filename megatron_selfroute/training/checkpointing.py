@@ -99,7 +99,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState) -> str:
+def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
+                    shape_config: Optional[dict] = None) -> str:
     """Save atomically; returns the final directory. Called by every rank."""
     rank = dist.get_rank()
     final = tag_for(state.iteration)
@@ -116,7 +117,8 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState) -> s
         run_state = {"iteration": state.iteration,
                      "consumed_train_samples": state.consumed_train_samples,
                      "skipped_steps": state.skipped_steps,
-                     "world_size": dist.get_world_size(), "config": cfg.to_dict()}
+                     "world_size": dist.get_world_size(), "config": cfg.to_dict(),
+                     "shape_config": shape_config or {}}
         with open(os.path.join(tmp_path, "run_state.json"), "w") as f:
             json.dump(run_state, f, indent=1)
     dist.barrier()
@@ -157,7 +159,8 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
             "tools/checkpoint/convert.py")
 
 
-def load_checkpoint(engine, load_dir: str, cfg: Config) -> Optional[ResumeState]:
+def load_checkpoint(engine, load_dir: str, cfg: Config,
+                    shape_config: Optional[dict] = None) -> Optional[ResumeState]:
     """Restore model, optimizer, RNG and position; None when `load_dir` holds no checkpoint."""
     tag = read_pointer(load_dir)
     if tag is None:
@@ -170,6 +173,12 @@ def load_checkpoint(engine, load_dir: str, cfg: Config) -> Optional[ResumeState]
         raise CheckpointError(f"{path}/run_state.json: not a checkpoint of this project ({e})"
                               ) from None
     check_compatible(run_state["config"], cfg, path)
+    for key, new in (shape_config or {}).items():
+        old = run_state.get("shape_config", {}).get(key)
+        if old != new:
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{path} was trained with {flag} {old}, this run has "
+                                  f"{flag} {new}")
     tr = cfg.train
     world = dist.get_world_size()
     module_only = tr.finetune or tr.no_load_optim

@@ -58,6 +58,9 @@ class Task:
     # Called after every optimizer step with (engine, iteration), e.g. for a model EMA.
     after_step: Optional[Callable[[Any, int], None]] = None
     report_perplexity: bool = True
+    # Settings outside Config that fix the model's shape (e.g. image and patch size): saved with
+    # every checkpoint and compared on resume.
+    shape_config: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -184,7 +187,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     engine = build_engine(model, cfg, world, extra_ds)
     state = checkpointing.ResumeState()
     if tr.load:
-        loaded = checkpointing.load_checkpoint(engine, tr.load, cfg)
+        loaded = checkpointing.load_checkpoint(engine, tr.load, cfg, task.shape_config)
         if loaded is None:
             print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
         else:
@@ -315,7 +318,8 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         saving = tr.save and (reason or (tr.save_interval and
                                          state.iteration % tr.save_interval == 0))
         if saving:
-            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state)
+            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state,
+                                                       task.shape_config)
             print_rank0(f"> saved checkpoint {last_saved}")
         if reason:
             print_rank0(f"> exiting at iteration {state.iteration}: {reason}")
@@ -326,7 +330,8 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result)
         final_tag = checkpointing.tag_for(state.iteration)
         if tr.save and iters_this_run and not (last_saved or "").endswith(final_tag):
-            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state)
+            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state,
+                                                       task.shape_config)
             print_rank0(f"> saved checkpoint {last_saved}")
     if profiler is not None:
         profiler.stop()
