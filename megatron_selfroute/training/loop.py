@@ -215,6 +215,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     result = RunResult(state.iteration)
     routing = RoutingAccumulator()
     step_timer = Timer()
+    timers = _Timers(tr.timing_log_level)
     interval = {"lm": 0.0, "aux": 0.0, "n": 0}
     start_time = time.time()
     flops_per_iter = task.flops_per_sample(cfg) * gbs
@@ -233,28 +234,35 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         own_norm = None
         skip_step = False
         for micro in range(accum):
-            batch = _to_device(next(loader), engine.device)
-            loss, metrics = task.forward_step(engine, batch, it)
+            with timers("data", 1):
+                batch = _to_device(next(loader), engine.device)
+            with timers("forward", 1):
+                loss, metrics = task.forward_step(engine, batch, it)
             loss = _injected_fault(loss, it + 1)
-            if _any_rank_nonfinite(loss):
+            with timers("nan-check", 2):
+                nonfinite = _any_rank_nonfinite(loss)
+            if nonfinite:
                 skip_step = skip_step or _skip_or_stop(state, tr, it + 1, "loss",
                                                        last_saved or tr.load)
                 engine.backward(_zero_loss(engine.module))  # keeps every rank's collectives
             else:
                 lm_sum += metrics[task.loss_name].double().cpu()
                 aux_sum += metrics["aux loss"].double().cpu()
-                engine.backward(loss)
+                with timers("backward", 1):
+                    engine.backward(loss)
             if getattr(engine.module, "moe_layers", None):
                 routing.add(*engine.module.routing_counts())
             if micro == accum - 1 and engine.own_clipping and not skip_step:
-                own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
+                with timers("grad-clip", 2):
+                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
                 if not math.isfinite(own_norm):
                     skip_step = _skip_or_stop(state, tr, it + 1, "gradient norm",
                                               last_saved or tr.load)
             if micro == accum - 1 and skip_step:
                 for group in engine.optimizer.param_groups:  # no weight update this step
                     group["lr"] = 0.0
-            engine.step()
+            with timers("optimizer" if micro == accum - 1 else "step-bookkeeping", 1):
+                engine.step()
         if not skip_step and not engine.own_clipping:
             norm = engine.get_global_grad_norm()
             if norm is not None and not math.isfinite(float(norm)):
@@ -311,6 +319,11 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             if state.skipped_steps:
                 line += f" | skipped steps {state.skipped_steps}"
             print_rank0(line + f" | ETA {format_eta(eta)}")
+            timing = timers.pop_ms(n_logged)
+            if timing:
+                logger.scalars("timers", timing, state.iteration)
+                print_rank0("    timers (ms per iteration): " + " | ".join(
+                    f"{k} {v:.1f}" for k, v in timing.items()))
             interval = {"lm": 0.0, "aux": 0.0, "n": 0}
         if valid_ds is not None and state.iteration % tr.eval_interval == 0:
             _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result)
@@ -361,6 +374,33 @@ def _dp_mean(values: torch.Tensor) -> list[float]:
     values = values.clone()
     dist.all_reduce(values)
     return (values / dist.get_world_size()).tolist()
+
+
+class _Timers:
+    """Named stopwatches up to --timing-log-level (1: data, forward, backward, optimizer;
+    2: also the NaN check and ZeRO-0 clipping). Level 0 costs nothing."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.timers: dict[str, Timer] = {}
+
+    def __call__(self, name: str, level: int):
+        import contextlib
+
+        if level > self.level:
+            return contextlib.nullcontext()
+        timer = self.timers.setdefault(name, Timer())
+
+        @contextlib.contextmanager
+        def timed():
+            timer.start()
+            yield
+            timer.stop()
+
+        return timed()
+
+    def pop_ms(self, iterations: int) -> dict[str, float]:
+        return {k: 1000 * t.pop() / iterations for k, t in self.timers.items()}
 
 
 def _any_rank_nonfinite(loss: torch.Tensor) -> bool:
