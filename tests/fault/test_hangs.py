@@ -1,5 +1,6 @@
 """No hangs: when one rank dies (SIGKILL) or stalls (SIGSTOP), every other rank exits non-zero
 within a bounded time (--distributed-timeout-minutes; tests use seconds), with a one-line error."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.distributed.harness import free_port
@@ -62,22 +64,43 @@ def test_direct_launch_survivors_exit(tmp_path, world, how):
                 p.wait()
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
-def test_torchrun_exits_when_a_rank_dies_or_stalls(tmp_path, how):
-    log_path = tmp_path / "torchrun.log"
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", "2"],
+    "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
+}
+
+
+@pytest.mark.parametrize("launcher,how", [
+    ("torchrun", signal.SIGKILL),
+    ("deepspeed", signal.SIGKILL),
+    pytest.param("torchrun", signal.SIGSTOP, marks=pytest.mark.slow),
+    pytest.param("deepspeed", signal.SIGSTOP, marks=pytest.mark.slow),
+])
+def test_launcher_exits_when_a_rank_dies_or_stalls(tmp_path, launcher, how):
+    log_path = tmp_path / "launcher.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "2", "pretrain_gpt.py", *ARGS], cwd=REPO,
+    cmd = LAUNCHERS[launcher] + (["--master_port", str(free_port())]
+                                 if launcher == "deepspeed" else [])
+    proc = subprocess.Popen(cmd + ["pretrain_gpt.py", *ARGS], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
     try:
         wait_for_training(log_path, [proc])
-        out = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "pretrain_gpt.py"],
-                             capture_output=True, text=True).stdout.split()
-        assert len(out) == 2, out
-        os.kill(int(sorted(out, key=int)[-1]), how)
+        found = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "pretrain_gpt.py" in " ".join(c.cmdline())
+                 and not any(k in " ".join(c.cmdline()) for k in ("distributed.run",
+                                                                "deepspeed.launcher"))]
+        pids = {c.pid for c in found}  # ranks, not their data-loader worker processes
+        workers = [c.pid for c in found if c.ppid() not in pids]
+        assert len(workers) == 2, (workers, log_path.read_text()[-2000:])
+        os.kill(max(workers), how)
         rc = proc.wait(timeout=TIMEOUT_MIN * 60 + 90)
         assert rc != 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", f"MASTER_PORT.*{proc.pid}"], check=False)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
