@@ -1,6 +1,5 @@
 """No hangs: when one rank dies (SIGKILL) or stalls (SIGSTOP), every other rank exits non-zero
 within a bounded time (--distributed-timeout-minutes; tests use seconds), with a one-line error."""
-import contextlib
 import os
 import signal
 import subprocess
@@ -86,12 +85,14 @@ def test_launcher_exits_when_a_rank_dies_or_stalls(tmp_path, launcher, how):
                             env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     workers: list[int] = []
+    everyone: list = []  # every rank and loader process: torchrun starts them in new sessions
     try:
         wait_for_training(log_path, [proc])
         found = [c for c in psutil.Process(proc.pid).children(recursive=True)
                  if "pretrain_gpt.py" in " ".join(c.cmdline())
                  and not any(k in " ".join(c.cmdline()) for k in ("distributed.run",
                                                                 "deepspeed.launcher"))]
+        everyone.extend(found)
         pids = {c.pid for c in found}  # ranks, not their data-loader worker processes
         workers = [c.pid for c in found if c.ppid() not in pids]
         assert len(workers) == 2, (workers, log_path.read_text()[-2000:])
@@ -101,6 +102,8 @@ def test_launcher_exits_when_a_rank_dies_or_stalls(tmp_path, launcher, how):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for p in everyone:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
