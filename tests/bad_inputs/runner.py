@@ -45,6 +45,13 @@ def _pretrain(argv):
     run_main(pretrain_gpt.main, argv)
 
 
+def _pretrain_vit(argv):
+    import pretrain_vit
+    from megatron_selfroute.training.loop import run_main
+
+    run_main(pretrain_vit.main, argv)
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
@@ -146,6 +153,15 @@ def build_cases(work: Path) -> dict:
     pre_out.mkdir()
     (pre_out / "keep_text_document.bin").write_bytes(b"existing output")
 
+    from tests.vision.conftest import make_image_folder
+
+    images = make_image_folder(work / "images", per_class=3, val_per_class=1)
+    broken = images / "train" / "class1" / "img01.png"
+    broken.write_bytes(b"not a png")
+    vit_out = work / "vit_out"
+    vit_out.mkdir()
+    (vit_out / "latest_checkpointed_iteration.txt").write_text("iter_0000007\n")
+
     pretrain, pre = _pretrain, _tool("preprocess_data").main
     t, m = TINY, MOCK
     guard = ckpt
@@ -211,6 +227,12 @@ def build_cases(work: Path) -> dict:
         "save_unwritable": (pretrain, t + m + ["--save", str(work / "notdir" / "ck")], None),
         "tensorboard_unwritable": (pretrain, t + m + ["--tensorboard-dir",
                                                       str(work / "notdir" / "tb")] + save, guard),
+        # images
+        "image_unreadable": (_pretrain_vit, [
+            "--data-path", str(images), "--img-size", "32", "--patch-size", "8", "--num-layers",
+            "1", "--hidden-size", "16", "--num-attention-heads", "2", "--batch-size", "12",
+            "--epochs", "1", "--num-workers", "0", "--no-repeated-aug", "--save",
+            str(vit_out)], vit_out),
         # preprocessing
         "preprocess_bad_json": (pre, ["--input", str(work / "docs.jsonl"), "--output-prefix",
                                       str(pre_out / "keep"), "--tokenizer-type",

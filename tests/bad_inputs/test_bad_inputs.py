@@ -45,6 +45,7 @@ NEEDLES = {
     "ds_json_missing": "none.json: file not found",
     "save_unwritable": "--save",
     "tensorboard_unwritable": "--tensorboard-dir",
+    "image_unreadable": "cannot read image",
     "preprocess_bad_json": "docs.jsonl:2: invalid JSON",
     "preprocess_missing_key": "nokey.jsonl:1: missing key 'text'",
     "preprocess_missing_input": "absent.jsonl",
