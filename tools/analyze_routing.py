@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_selfroute.checkpoint import CheckpointFormatError  # noqa: E402
+from megatron_selfroute.cli import one_line_errors  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
         from megatron_selfroute.eval.routing_analysis import (
             analyze,
             format_averages,
@@ -53,12 +54,6 @@ def main(argv: list[str] | None = None) -> None:
         paths = write_outputs(results, args.output_dir)
         print(format_averages(results))
         print(f"wrote {len(paths)} files to {args.output_dir}")
-    except (CheckpointFormatError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        lines = str(e).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

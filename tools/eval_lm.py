@@ -34,6 +34,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_selfroute.checkpoint import CheckpointFormatError  # noqa: E402
+from megatron_selfroute.cli import one_line_errors  # noqa: E402
 from megatron_selfroute.eval.lm_eval_report import PAPER_TASKS  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    try:
+    with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
         from megatron_selfroute.eval.lm_eval_adapter import MegatronSelfRouteLM
         from megatron_selfroute.eval.lm_eval_report import (
             evaluate,
@@ -78,12 +79,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.output:
             csv_path = write_outputs(results, rows, args.output)
             print(f"wrote {args.output} and {csv_path}")
-    except (CheckpointFormatError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        lines = str(e).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

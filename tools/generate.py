@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_selfroute.checkpoint import CheckpointFormatError  # noqa: E402
+from megatron_selfroute.cli import one_line_errors  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,14 +62,8 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
         print(run(args))
-    except (CheckpointFormatError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        lines = str(e).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from megatron_selfroute.checkpoint.consolidated import (  # noqa: E402
     load_checkpoint,
     save_consolidated,
 )
+from megatron_selfroute.cli import one_line_errors  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,14 +80,8 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
         print(convert(args))
-    except (CheckpointFormatError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        lines = str(e).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
