@@ -24,6 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_ranks(world: int, argv: list[str], log_dir: Path, script: str = "pretrain_gpt.py"
+                 ) -> list[subprocess.Popen]:
+    """Start `world` ranks of a training script with the env vars torchrun/srun provide, each
+    logging to log_dir/rank{r}.log; the caller waits on (or signals) the returned processes."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        with open(log_dir / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
 def spawn(world_size: int, module: str, cases: list[str], out_dir: Path, timeout: float = 300,
           env: dict | None = None) -> dict[str, list[dict]]:
     """Run `cases` of `module` on `world_size` processes; returns {case: [result per rank]}."""

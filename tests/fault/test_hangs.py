@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed.harness import free_port
+from tests.distributed.harness import free_port, launch_ranks
 from tests.distributed.train_cases import MOCK, TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,17 +19,6 @@ ARGS = TINY + MOCK + ["--router-type", "self", "--micro-batch-size", "2", "--tra
                       "100000", "--log-interval", "1", "--distributed-timeout-minutes",
                       str(TIMEOUT_MIN)]
 
-
-def start_direct(world, log_dir):
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "pretrain_gpt.py", *ARGS], cwd=REPO,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
 
 
 def wait_for_training(log, procs, timeout=120):
@@ -42,7 +31,7 @@ def wait_for_training(log, procs, timeout=120):
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
 def test_direct_launch_survivors_exit(tmp_path, world, how):
-    procs = start_direct(world, tmp_path)
+    procs = launch_ranks(world, ARGS, tmp_path)
     try:
         wait_for_training(tmp_path / "rank0.log", procs)
         victim = procs[-1]

@@ -1,12 +1,9 @@
 """Crash safety: a 2-process training run (EP=2, ZeRO-2, dropout, a checkpoint every step) is
 killed with SIGKILL at random moments -- many land inside checkpoint saves -- and relaunched with
 --load until it finishes; its final losses and weights equal an uninterrupted run's exactly."""
-import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_selfroute.parallel.engine import safe_globals
-from tests.distributed.harness import free_port
+from tests.distributed.harness import launch_ranks
 from tests.distributed.train_cases import MOCK, TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,18 +22,6 @@ ARGS = TINY + MOCK + ["--router-type", "self", "--expert-model-parallel-size", "
                       "--zero-stage", "2", "--micro-batch-size", "2", "--train-iters", str(ITERS),
                       "--hidden-dropout", "0.1", "--save-interval", "1"]
 
-
-def launch(argv, log_dir):
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "pretrain_gpt.py", *argv], cwd=REPO,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
 
 
 def tb_losses(tb_dir):
@@ -71,7 +56,7 @@ def run_with_kills(tmp, rng, max_kills):
         log_dir = tmp / f"attempt{attempt}"
         argv = ARGS + ["--save", str(ckpt), "--load", str(ckpt), "--tensorboard-dir",
                        str(tmp / f"tb{attempt}")]
-        procs = launch(argv, log_dir)
+        procs = launch_ranks(2, argv, log_dir)
         if kills < max_kills:
             log0 = log_dir / "rank0.log"
             deadline = time.time() + 120
@@ -118,8 +103,8 @@ def trial(tmp, seed, reference):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    procs = launch(ARGS + ["--save", str(tmp / "ckpt"), "--tensorboard-dir", str(tmp / "tb")],
-                   tmp / "logs")
+    argv = ARGS + ["--save", str(tmp / "ckpt"), "--tensorboard-dir", str(tmp / "tb")]
+    procs = launch_ranks(2, argv, tmp / "logs")
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     tag, weights = final_weights(tmp / "ckpt")
     printed = {int(k): v for k, v in logged_losses(tmp / "logs" / "rank0.log")}

@@ -1,7 +1,6 @@
 """pretrain_gpt.py as users run it: SIGTERM (as SLURM preemption sends) saves a checkpoint
 that resumes exactly, TensorBoard holds every MoE layer's routing tags, bad flags fail before
 any work."""
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.distributed.harness import free_port
+from tests.distributed.harness import launch_ranks
 from tests.distributed.train_cases import MOCK, TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,19 +17,6 @@ ARGS = TINY + MOCK + ["--router-type", "random", "--expert-model-parallel-size",
                       "--zero-stage", "2", "--micro-batch-size", "2", "--train-iters", "120",
                       "--hidden-dropout", "0.1", "--eval-interval", "50", "--eval-iters", "2"]
 
-
-def launch(world, argv, log_dir):
-    """`world` ranks of pretrain_gpt.py with launcher env vars (what torchrun/srun provide)."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "pretrain_gpt.py", *argv], cwd=REPO,
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
 
 
 def wait_all(procs, timeout=300):
@@ -46,8 +32,8 @@ def scalars(tb_dir, tag):
 def test_sigterm_saves_and_resumes_exactly(tmp_path):
     ckpt = tmp_path / "ckpt"
     common = ARGS + ["--exit-signal-handler"]
-    procs = launch(2, common + ["--save", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb1")],
-                   tmp_path / "logs1")
+    argv1 = common + ["--save", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb1")]
+    procs = launch_ranks(2, argv1, tmp_path / "logs1")
     log0 = tmp_path / "logs1" / "rank0.log"
     deadline = time.time() + 120
     while "iteration        5/" not in (log0.read_text() if log0.exists() else ""):
@@ -62,9 +48,10 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path):
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text().strip()[5:])
     assert 5 <= stopped < 120
     # resume to the end, and an uninterrupted run for reference, both on 2 processes
-    resumed = launch(2, common + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb2")],
-                     tmp_path / "logs2")
-    straight = launch(2, ARGS + ["--tensorboard-dir", str(tmp_path / "tb3")], tmp_path / "logs3")
+    argv2 = common + ["--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb2")]
+    resumed = launch_ranks(2, argv2, tmp_path / "logs2")
+    straight = launch_ranks(2, ARGS + ["--tensorboard-dir", str(tmp_path / "tb3")],
+                            tmp_path / "logs3")
     assert wait_all(resumed + straight) == [0, 0, 0, 0]
     ref, tags = scalars(tmp_path / "tb3", "train/lm loss")
     first, _ = scalars(tmp_path / "tb1", "train/lm loss")
