@@ -160,6 +160,9 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     world, rank = dist.get_world_size(), dist.get_rank()
     validate(cfg, world)
     tr = cfg.train
+    if tr.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use "
+                          "--bf16")
     if tr.global_batch_size is None:
         tr.global_batch_size = tr.micro_batch_size * world
     accum = gradient_accumulation_steps(cfg, world)

@@ -171,6 +171,7 @@ def build_cases(work: Path) -> dict:
         "ep_not_divisor": (pretrain, t + m + ["--expert-model-parallel-size", "3"] + save, guard),
         "topk_range": (pretrain, t + m + ["--moe-router-topk", "5"] + save, guard),
         "bf16_fp16": (pretrain, t + m + ["--bf16", "--fp16"] + save, guard),
+        "fp16_on_cpu": (pretrain, t + m + ["--fp16"] + save, guard),
         "iters_and_samples": (pretrain, t + m + ["--train-samples", "8"] + save, guard),
         "dropout_range": (pretrain, t + m + ["--hidden-dropout", "1.5"] + save, guard),
         "alias_conflict": (pretrain, t + m + ["--moe-router-topk", "2", "--topk", "3"] + save,

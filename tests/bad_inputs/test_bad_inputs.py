@@ -13,6 +13,7 @@ NEEDLES = {
     "ep_not_divisor": "--num-experts 4 is not divisible by --expert-model-parallel-size 3",
     "topk_range": "--moe-router-topk 5 must be between 1 and --num-experts 4",
     "bf16_fp16": "--bf16 and --fp16 are mutually exclusive",
+    "fp16_on_cpu": "--fp16 needs a GPU",
     "iters_and_samples": "--train-iters and --train-samples are mutually exclusive",
     "dropout_range": "--hidden-dropout must be in [0, 1)",
     "alias_conflict": "--topk 3 conflicts with --moe-router-topk 2",
