@@ -1,6 +1,7 @@
 """Interval metrics: Megatron-style console lines, TensorBoard scalars, routing statistics."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -127,3 +128,28 @@ class Timer:
     def pop(self) -> float:
         t, self.total = self.total, 0.0
         return t
+
+
+class Timers:
+    """Named stopwatches up to --timing-log-level (1: data, forward, backward, optimizer;
+    2: also the NaN check and ZeRO-0 clipping). Level 0 costs nothing."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.timers: dict[str, Timer] = {}
+
+    def __call__(self, name: str, level: int):
+        if level > self.level:
+            return contextlib.nullcontext()
+        timer = self.timers.setdefault(name, Timer())
+
+        @contextlib.contextmanager
+        def timed():
+            timer.start()
+            yield
+            timer.stop()
+
+        return timed()
+
+    def pop_ms(self, iterations: int) -> dict[str, float]:
+        return {k: 1000 * t.pop() / iterations for k, t in self.timers.items()}

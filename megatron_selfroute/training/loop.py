@@ -30,10 +30,18 @@ from megatron_selfroute.parallel.engine import (
 )
 from megatron_selfroute.parallel.groups import init_distributed, shutdown
 from megatron_selfroute.training import checkpointing
+from megatron_selfroute.training.faults import (
+    TrainingError,
+    any_rank_nonfinite,
+    injected_fault,
+    skip_or_stop,
+    zero_loss,
+)
 from megatron_selfroute.training.logging import (
     MetricsLogger,
     RoutingAccumulator,
     Timer,
+    Timers,
     format_eta,
     print_rank0,
 )
@@ -71,10 +79,6 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
     valid_losses: dict[int, float] = field(default_factory=dict)
     exit_reason: str = "done"
-
-
-class TrainingError(RuntimeError):
-    """A run-stopping condition with a one-line reason (e.g. a NaN loss)."""
 
 
 _SIGNAL = {"received": False}
@@ -218,7 +222,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     result = RunResult(state.iteration)
     routing = RoutingAccumulator()
     step_timer = Timer()
-    timers = _Timers(tr.timing_log_level)
+    timers = Timers(tr.timing_log_level)
     interval = {"lm": 0.0, "aux": 0.0, "n": 0}
     start_time = time.time()
     flops_per_iter = task.flops_per_sample(cfg) * gbs
@@ -241,13 +245,13 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
                 batch = _to_device(next(loader), engine.device)
             with timers("forward", 1):
                 loss, metrics = task.forward_step(engine, batch, it)
-            loss = _injected_fault(loss, it + 1)
+            loss = injected_fault(loss, it + 1)
             with timers("nan-check", 2):
-                nonfinite = _any_rank_nonfinite(loss)
+                nonfinite = any_rank_nonfinite(loss)
             if nonfinite:
-                skip_step = skip_step or _skip_or_stop(state, tr, it + 1, "loss",
+                skip_step = skip_step or skip_or_stop(state, tr, it + 1, "loss",
                                                        last_saved or tr.load)
-                engine.backward(_zero_loss(engine.module))  # keeps every rank's collectives
+                engine.backward(zero_loss(engine.module))  # keeps every rank's collectives
             else:
                 lm_sum += metrics[task.loss_name].double().cpu()
                 aux_sum += metrics["aux loss"].double().cpu()
@@ -259,7 +263,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
                 with timers("grad-clip", 2):
                     own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
                 if not math.isfinite(own_norm):
-                    skip_step = _skip_or_stop(state, tr, it + 1, "gradient norm",
+                    skip_step = skip_or_stop(state, tr, it + 1, "gradient norm",
                                               last_saved or tr.load)
             if micro == accum - 1 and skip_step:
                 for group in engine.optimizer.param_groups:  # no weight update this step
@@ -377,68 +381,6 @@ def _dp_mean(values: torch.Tensor) -> list[float]:
     values = values.clone()
     dist.all_reduce(values)
     return (values / dist.get_world_size()).tolist()
-
-
-class _Timers:
-    """Named stopwatches up to --timing-log-level (1: data, forward, backward, optimizer;
-    2: also the NaN check and ZeRO-0 clipping). Level 0 costs nothing."""
-
-    def __init__(self, level: int) -> None:
-        self.level = level
-        self.timers: dict[str, Timer] = {}
-
-    def __call__(self, name: str, level: int):
-        import contextlib
-
-        if level > self.level:
-            return contextlib.nullcontext()
-        timer = self.timers.setdefault(name, Timer())
-
-        @contextlib.contextmanager
-        def timed():
-            timer.start()
-            yield
-            timer.stop()
-
-        return timed()
-
-    def pop_ms(self, iterations: int) -> dict[str, float]:
-        return {k: 1000 * t.pop() / iterations for k, t in self.timers.items()}
-
-
-def _any_rank_nonfinite(loss: torch.Tensor) -> bool:
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() > 0
-
-
-def _skip_or_stop(state, tr, iteration: int, what: str, last_checkpoint: Optional[str]) -> bool:
-    """Count a skipped step under --skip-nan-steps, else stop naming the last good checkpoint."""
-    if state.skipped_steps < tr.skip_nan_steps:
-        state.skipped_steps += 1
-        print_rank0(f"> non-finite {what} at iteration {iteration}: step skipped "
-                    f"({state.skipped_steps}/{tr.skip_nan_steps} allowed by --skip-nan-steps)")
-        return True
-    raise TrainingError(f"non-finite {what} at iteration {iteration}; last good checkpoint: "
-                        f"{last_checkpoint or 'none'} (--skip-nan-steps N skips such steps)")
-
-
-def _zero_loss(model: torch.nn.Module) -> torch.Tensor:
-    """A finite zero loss touching every trainable parameter (all-zero gradients)."""
-    return sum((p.reshape(-1)[:1] * 0.0).sum() for p in model.parameters() if p.requires_grad)
-
-
-def _injected_fault(loss: torch.Tensor, iteration: int) -> torch.Tensor:
-    """Fault injection for tests: MEGATRON_SELFROUTE_NAN_AT="3,7" makes those iterations' losses
-    NaN (on every rank, or only on rank R with "3@R")."""
-    spec = os.environ.get("MEGATRON_SELFROUTE_NAN_AT")
-    if not spec:
-        return loss
-    for item in spec.split(","):
-        it, _, rank = item.partition("@")
-        if int(it) == iteration and (not rank or int(rank) == dist.get_rank()):
-            return loss * float("nan")
-    return loss
 
 
 def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str]:
