@@ -99,7 +99,7 @@ for row in "${rows[@]}"; do
     exit 2
   fi
   if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-    echo "[paper_table] training $row ($SCALE)" >&2
+    echo "[paper_table] training $row ($SCALE) at ${SECONDS}s" >&2
     DRY_RUN="$DRY_RUN" bash "$script"
   fi
 done
@@ -112,7 +112,7 @@ moe_ckpts=()
 moe_labels=()
 for row in "${rows[@]}"; do
   ckpt="$OUT_DIR/$row/checkpoints"
-  echo "[paper_table] evaluating $row" >&2
+  echo "[paper_table] evaluating $row at ${SECONDS}s" >&2
   run "$PYTHON" "$ROOT/tools/eval_lm.py" --load "$ckpt" "${eval_args[@]}" \
     --output "$OUT_DIR/eval/$row.json" --label "$row"
   if [ "$row" != dense ]; then
@@ -123,7 +123,7 @@ done
 
 # 4. routing analysis of the MoE rows over the same tokens.
 if [ "${#moe_ckpts[@]}" -gt 0 ]; then
-  echo "[paper_table] routing analysis of ${moe_labels[*]}" >&2
+  echo "[paper_table] routing analysis of ${moe_labels[*]} at ${SECONDS}s" >&2
   run "$PYTHON" "$ROOT/tools/analyze_routing.py" --load "${moe_ckpts[@]}" --labels "${moe_labels[@]}" \
     --data-path "$ROUTING_DATA_PATH" --tokens "$ROUTING_TOKENS" --batch-size "$EVAL_BATCH" \
     --device "$EVAL_DEVICE" --output-dir "$OUT_DIR/routing" --no-progress
