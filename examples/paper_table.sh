@@ -32,7 +32,6 @@
 #   OUT_DIR/paper_table.{md,csv,json}.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
 
 export SCALE="${SCALE:-tiny}"
 ROWS="${ROWS:-dense learned self fixed_random random}"

@@ -9,8 +9,8 @@
 # paper's 520,809,216 / 520,735,488 parameters). Everything else is marked "chosen here" below.
 #
 # Environment (defaults in brackets):
-#   SCALE          paper | tiny [paper]. tiny: a 2-layer, hidden-64 model for CPU/CI runs of
-#                  seconds, on mock tokens (DATA_PATH=mock: NullTokenizer, vocabulary 127) or a
+#   SCALE          paper | tiny [paper]. tiny: a 2-layer, hidden-64 model for CPU/CI runs
+#                  (seconds on mock data, about a minute on Shakespeare), on mock tokens (DATA_PATH=mock: NullTokenizer, vocabulary 127) or a
 #                  real GPT-2 BPE prefix such as data/shakespeare_text_document
 #                  (examples/data/prepare_shakespeare.sh).
 #   DATA_PATH      Megatron .bin/.idx prefix [paper: data/owt/openwebtext_train_text_document,
@@ -67,6 +67,7 @@ if [ -z "${LAUNCHER:-}" ]; then
   if [ "$WORLD_SIZE_TOTAL" -eq 1 ]; then LAUNCHER=python; else LAUNCHER=torchrun; fi
 fi
 OUT_DIR="${OUT_DIR:-$MSR_ROOT/runs/gpt2-$SCALE}"
+case "$OUT_DIR" in /*) ;; *) OUT_DIR="$PWD/$OUT_DIR" ;; esac  # the launch runs from MSR_ROOT
 LOG_DIR="$OUT_DIR/logs"
 
 # No GPU: DeepSpeed's CPU accelerator and gloo.
@@ -120,6 +121,8 @@ else
   LOG_INTERVAL="${LOG_INTERVAL:-10}" EVAL_INTERVAL="${EVAL_INTERVAL:-$TRAIN_ITERS}"
   EVAL_ITERS="${EVAL_ITERS:-2}" SAVE_INTERVAL="${SAVE_INTERVAL:-$TRAIN_ITERS}"
 fi
+
+case "$DATA_PATH" in /* | mock) ;; *) DATA_PATH="$PWD/$DATA_PATH" ;; esac
 
 # Expert-parallel size: the largest divisor of NUM_EXPERTS <= GPUS_PER_NODE dividing the world.
 msr_default_ep() {

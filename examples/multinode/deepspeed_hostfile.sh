@@ -41,6 +41,7 @@ if [ -n "${HOSTFILE:-}" ]; then
     echo "deepspeed_hostfile.sh: HOSTFILE $HOSTFILE does not exist" >&2
     exit 2
   fi
+  HOSTFILE="$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")"  # launched from the repo
   while read -r line || [ -n "$line" ]; do
     if [[ "$line" =~ ^([^[:space:]#]+)[[:space:]]+slots=([0-9]+) ]]; then
       HOST_NAMES+=("${BASH_REMATCH[1]}")

@@ -14,7 +14,7 @@ from tests.launch.helpers import ROOT, ROWS, launch_env, run_checked
 def test_paper_table_tiny_default(tmp_path):
     out = tmp_path / "out"
     text = run_checked(["bash", str(ROOT / "examples/paper_table.sh")],
-                       launch_env(OUT_DIR=out, GPUS_PER_NODE=1, OMP_NUM_THREADS=2),
+                       launch_env(OUT_DIR=out, GPUS_PER_NODE=1),
                        tmp_path / "paper_table.out", timeout=3600)
     check_outputs(text, out)
 
