@@ -50,7 +50,8 @@ def summarize(results: dict) -> list[dict]:
         wanted = PAPER_METRICS.get(task)
         for key, value in metrics.items():
             name, _, _filter = key.partition(",")
-            if name.endswith("_stderr") or not isinstance(value, (int, float)):
+            if (name.endswith("_stderr") or name == "sample_len"  # a document count
+                    or not isinstance(value, (int, float))):
                 continue
             if wanted is not None and name != wanted:
                 continue
