@@ -38,6 +38,8 @@ class MLP(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention through scaled_dot_product_attention."""
 
+    is_causal = True  # subclasses for encoders (ViT) attend in both directions
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         bias = not cfg.disable_bias_linear
@@ -55,7 +57,8 @@ class CausalSelfAttention(nn.Module):
                    for t in (q, k, v))
         drop = self.attn_dropout if self.training else 0.0
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop,
+                                               is_causal=self.is_causal)
         else:  # attn_mask: bool [B, 1, S, S], True = may attend (already causal)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         y = y.transpose(1, 2).contiguous().view(b, s, d)

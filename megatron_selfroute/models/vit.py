@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -95,15 +94,7 @@ def trunc_normal(shape: torch.Size, std: float, gen: torch.Generator) -> Tensor:
 class BidirectionalSelfAttention(CausalSelfAttention):
     """Multi-head attention over all tokens (no mask); GPT-2 parameter names."""
 
-    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        b, s, d = x_BSD.shape
-        q, k, v = self.c_attn(x_BSD).split(d, dim=2)
-        q, k, v = (t.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
-                   for t in (q, k, v))
-        drop = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=False)
-        y = y.transpose(1, 2).contiguous().view(b, s, d)
-        return self.resid_dropout(self.c_proj(y))
+    is_causal = False
 
 
 class ViTBlock(nn.Module):

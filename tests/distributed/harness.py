@@ -76,6 +76,24 @@ def spawn(world_size: int, module: str, cases: list[str], out_dir: Path, timeout
     return results
 
 
+def argv_cases(env_prefix: str, run, count: int = 64) -> dict:
+    """CASES for a worker module whose case i runs `run(argv)`, argv read from env_prefix{i}."""
+    def case(name: str):
+        return lambda: run(os.environ[name].split("\x1f"))
+
+    return {f"argv{i}": case(f"{env_prefix}{i}") for i in range(count)}
+
+
+def run_argv_cases(out_dir: Path, world: int, module: str, env_prefix: str,
+                   argvs: list[list[str]], timeout: float = 600) -> list[dict]:
+    """Parent side: run each argv as one case of `module` in a single `world`-process group;
+    returns rank 0's result per argv."""
+    env = {f"{env_prefix}{i}": "\x1f".join(a) for i, a in enumerate(argvs)}
+    names = [f"argv{i}" for i in range(len(argvs))]
+    res = spawn(world, module, names, out_dir, env=env, timeout=timeout)
+    return [check(res, n)[0] for n in names]
+
+
 def check(results: dict[str, list[dict]], case: str) -> list[dict]:
     """Assert every rank passed `case`; return the per-rank results."""
     per_rank = results[case]

@@ -1,7 +1,7 @@
 """Training runs inside harness processes (pretrain_vit.main with a tiny ViT on tiny images)."""
 from __future__ import annotations
 
-import os
+from tests.distributed.harness import argv_cases, run_argv_cases
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--log-interval", "1", "--seed", "5", "--no-lr-scale",
@@ -18,19 +18,12 @@ def run(argv: list[str]) -> dict:
             "exit": result.exit_reason, "iteration": result.iteration}
 
 
-def run_layout(out_dir, world: int, argvs: list[list[str]], timeout: float = 600) -> list[dict]:
+def run_layout(out_dir, world: int, argvs: list[list[str]], timeout: float = 600
+               ) -> list[dict]:
     """Parent side: run each argv as one training run in a single `world`-process group."""
-    from tests.distributed.harness import check, spawn
-
-    env = {f"MSR_VIT_ARGV{i}": "\x1f".join(a) for i, a in enumerate(argvs)}
-    names = [f"argv{i}" for i in range(len(argvs))]
-    res = spawn(world, "tests.vision.train_cases", names, out_dir, env=env, timeout=timeout)
-    return [check(res, n)[0] for n in names]
-
-
-def _case(argv_env: str):
-    return lambda: run(os.environ[argv_env].split("\x1f"))
+    return run_argv_cases(out_dir, world, "tests.vision.train_cases", "MSR_VIT_ARGV", argvs,
+                          timeout)
 
 
 # A case's argv travels in an environment variable (set by the test) named after it.
-CASES = {f"argv{i}": _case(f"MSR_VIT_ARGV{i}") for i in range(64)}
+CASES = argv_cases("MSR_VIT_ARGV", run)
