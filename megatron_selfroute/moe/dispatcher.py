@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_selfroute.moe.router import RouterOutput
+from megatron_selfroute.moe.router import RouterOutput, count_per_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -73,23 +73,25 @@ class AllToAllDispatcher:
         self.ep_size = ep_size
         self.last_sent_rows = 0  # rows sent to other ranks in the last dispatch (for benchmarks)
 
-    def dispatch(self, x_TD: Tensor, routing: RouterOutput) -> tuple[Tensor, list[int],
+    def dispatch(self, x_TD: Tensor, routing: RouterOutput) -> tuple[Tensor, Tensor,
                                                                      DispatchState]:
-        """Rows for this rank's local experts, grouped by local expert, and their counts."""
+        """Rows for this rank's local experts, grouped by local expert, and their counts (an
+        int64 tensor on the rows' device; with P = 1 and no capacity, nothing here waits for the
+        device)."""
         num_tokens, k = routing.ids_TK.shape
         ids_R = routing.ids_TK.reshape(-1)
         probs_R = routing.probs_TK.reshape(-1)
-        token_R = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
+        token_R = torch.arange(num_tokens * k, device=x_TD.device) // k  # route -> its token
         if routing.keep_TK is not None:
             kept = routing.keep_TK.reshape(-1)
             ids_R, probs_R, token_R = ids_R[kept], probs_R[kept], token_R[kept]
         order = torch.argsort(ids_R, stable=True)
         token_R, probs_R = token_R[order], probs_R[order]
-        counts_E = torch.bincount(ids_R, minlength=self.num_experts)
+        counts_E = count_per_expert(ids_R, self.num_experts)
         x_RD = x_TD.index_select(0, token_R)  # rows contiguous per global expert
         state = DispatchState(token_R, probs_R, num_tokens)
         if self.ep_size == 1:
-            return x_RD, counts_E.tolist(), state
+            return x_RD, counts_E, state
         p, n_loc = self.ep_size, self.num_local_experts
         # Exchange counts: recv_PL[r, e] = rows rank r sends to my local expert e.
         recv_PL = torch.empty_like(counts_E)
@@ -106,7 +108,7 @@ class AllToAllDispatcher:
         expert_major = (block_ids % n_loc) * p + block_ids // n_loc
         regroup = torch.argsort(expert_major, stable=True)
         state.send_splits, state.recv_splits, state.regroup = send_splits, recv_splits, regroup
-        return x_RD.index_select(0, regroup), recv_PL.sum(0).tolist(), state
+        return x_RD.index_select(0, regroup), recv_PL.sum(0), state
 
     def combine(self, y_RD: Tensor, state: DispatchState) -> Tensor:
         """Weighted sum of each token's expert outputs, back in token order ([T, D])."""
@@ -127,36 +129,45 @@ def grouped_mm_available(x: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: list[int],
+def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: Tensor | list[int],
                 mode: str = "auto") -> Tensor:
     """Apply local expert e to its contiguous row block of `x_RD` ([R, D], `counts[e]` rows each).
 
-    `mode`: "loop" runs one GEMM pair per non-empty expert; "grouped" runs all experts in one
-    `torch._grouped_mm` per projection; "auto" picks grouped for bf16 on Hopper, else the loop.
+    `mode`: "loop" runs one GEMM pair per non-empty expert (it needs the counts on the host);
+    "grouped" runs all experts in one `torch._grouped_mm` per projection with the counts left on
+    the device; "auto" picks grouped for bf16 on Hopper, else the loop.
     """
     if mode == "grouped" or (mode == "auto" and grouped_mm_available(x_RD)):
         return _grouped_experts(experts, x_RD, counts)
+    if torch.is_tensor(counts):
+        counts = counts.tolist()
     outs = []
     for expert, rows in zip(experts, torch.split(x_RD, counts), strict=True):
         outs.append(expert(rows) if rows.shape[0] else rows)
     return torch.cat(outs) if outs else x_RD
 
 
-def _grouped_experts(experts: nn.ModuleList, x_RD: Tensor, counts: list[int]) -> Tensor:
+def _grouped_experts(experts: nn.ModuleList, x_RD: Tensor, counts: Tensor | list[int]) -> Tensor:
     if x_RD.shape[0] == 0:
         return x_RD.clone()
-    offs = torch.tensor(counts, device=x_RD.device).cumsum(0).to(torch.int32)
-    group_R = torch.repeat_interleave(torch.arange(len(counts), device=x_RD.device),
-                                      torch.tensor(counts, device=x_RD.device))
+    counts_G = torch.as_tensor(counts, device=x_RD.device)
+    offs = counts_G.cumsum(0).to(torch.int32)
     fc_w = torch.stack([e.c_fc.weight for e in experts])  # [G, F, D]
     proj_w = torch.stack([e.c_proj.weight for e in experts])  # [G, D, F]
     h_RF = torch._grouped_mm(x_RD, fc_w.transpose(1, 2), offs=offs)
+    onehot_RG = None
+    if experts[0].c_fc.bias is not None or experts[0].c_proj.bias is not None:
+        # Per-row expert bias as a GEMM with the rows' one-hot expert matrix: exact forward (one
+        # non-zero term per row), and a backward (onehot^T @ grad) that sums each expert's rows
+        # with fp32 accumulation; gathering bias[group] would sum them in bf16 atomics instead.
+        row_R1 = torch.arange(x_RD.shape[0], device=x_RD.device).unsqueeze(1)
+        onehot_RG = ((row_R1 >= offs - counts_G) & (row_R1 < offs)).to(x_RD.dtype)
     if experts[0].c_fc.bias is not None:
-        h_RF = h_RF + torch.stack([e.c_fc.bias for e in experts])[group_R]
+        h_RF = h_RF + onehot_RG @ torch.stack([e.c_fc.bias for e in experts])
     h_RF = F.gelu(h_RF, approximate=experts[0].gelu_approximation)
     y_RD = torch._grouped_mm(h_RF, proj_w.transpose(1, 2), offs=offs)
     if experts[0].c_proj.bias is not None:
-        y_RD = y_RD + torch.stack([e.c_proj.bias for e in experts])[group_R]
+        y_RD = y_RD + onehot_RG @ torch.stack([e.c_proj.bias for e in experts])
     return y_RD
 
 
@@ -194,7 +205,7 @@ class DeepSpeedGateAdapter(nn.Module):
         # Location of each kept route inside its expert's buffer, in token-major order.
         flat_ids = torch.where(keep_TK, ids_TK, self.num_experts).reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts + 1)
+        counts = count_per_expert(flat_ids, self.num_experts + 1)
         starts = torch.cumsum(counts, 0) - counts
         loc = torch.empty_like(flat_ids)
         loc[order] = torch.arange(flat_ids.numel(), device=x.device) - starts[flat_ids[order]]

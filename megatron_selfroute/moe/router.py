@@ -32,6 +32,16 @@ from torch import Tensor, nn
 from megatron_selfroute.config import MoEConfig
 
 
+def count_per_expert(ids: Tensor, num_experts: int) -> Tensor:
+    """int64 number of entries of `ids` equal to each of 0..num_experts-1.
+
+    `torch.bincount` would do, but on CUDA it reads `ids.max()` back to the host to size its
+    output: one device sync per call, several per MoE layer. This comparison-sum never syncs and
+    is deterministic (no atomics)."""
+    flat = ids.reshape(-1, 1)
+    return (flat == torch.arange(num_experts, device=ids.device)).sum(0)
+
+
 @dataclass
 class RouterOutput:
     """Routing decision for T tokens with top-k K over E experts."""
@@ -82,7 +92,7 @@ class Router(nn.Module):
         else:
             top_logits_TK, ids_TK = torch.topk(logits_TE, self.topk, dim=-1)
             probs_TK = torch.softmax(top_logits_TK, dim=-1)
-        tokens_per_expert_E = torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
+        tokens_per_expert_E = count_per_expert(ids_TK, num_experts)
         keep_TK = None
         dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
         if self.capacity_factor is not None:
@@ -116,7 +126,7 @@ class Router(nn.Module):
         # Sort routes by (expert, priority desc); rank within each expert's block.
         order = torch.argsort(priority, descending=True, stable=True)
         order = order[torch.argsort(flat_ids[order], stable=True)]
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        counts = count_per_expert(flat_ids, self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
         rank_sorted = torch.arange(flat_ids.numel(), device=ids_TK.device) - starts[flat_ids[order]]
         keep = torch.empty_like(flat_ids, dtype=torch.bool)
