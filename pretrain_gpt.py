@@ -18,15 +18,19 @@ from megatron_selfroute.models.gpt import GPTModel, gpt_flops_per_token
 from megatron_selfroute.training.loop import Task, pretrain, run_main
 
 
-def forward_step(engine, batch: dict, iteration: int):
-    """Mean lm loss over loss-masked tokens (+ router losses)."""
-    tokens = batch["tokens"]
+def check_batch(engine, batch: dict) -> None:
+    """Token ids must fit the vocabulary (checked on the host batch: no device sync)."""
     vocab = engine.module.vocab_size
-    top = int(torch.maximum(tokens.max(), batch["labels"].max()))
+    top = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
     if top >= vocab:
         raise ValueError(f"token id {top} >= vocabulary size {vocab} in sample "
                          f"{int(batch['sample_index'][0])}: the data was tokenised with another "
                          "tokenizer than --tokenizer-type/--vocab-size")
+
+
+def forward_step(engine, batch: dict, iteration: int):
+    """Mean lm loss over loss-masked tokens (+ router losses)."""
+    tokens = batch["tokens"]
     seq = tokens.shape[1]
     token_index = batch["sample_index"].unsqueeze(1) * seq + torch.arange(seq,
                                                                           device=tokens.device)
@@ -64,6 +68,7 @@ def make_task(cfg: Config) -> Task:
         build_model=lambda cfg, ep: GPTModel(cfg, ep_size=ep),
         build_datasets=build_datasets,
         forward_step=forward_step,
+        check_batch=check_batch,
         collate=collate_gpt_samples,
         flops_per_sample=lambda cfg: 3 * gpt_flops_per_token(cfg) * cfg.model.seq_length,
         tokens_per_sample=lambda cfg: cfg.model.seq_length,

@@ -8,10 +8,10 @@ import json
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_selfroute.arguments import ConfigError
 from megatron_selfroute.config import Config
+from megatron_selfroute.parallel.groups import all_reduce_small
 
 # DeepSpeed JSON key path -> (config section, field, flag)
 _DS_KEYS = {
@@ -121,19 +121,19 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float) -> float:
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import groups
 
-    dense = torch.zeros((), dtype=torch.float64)
-    expert: dict[str, torch.Tensor] = {}
     params = [p for p in model.parameters() if p.grad is not None]
+    # Sums stay on the gradients' device: one host read (the norm) per step, not one per tensor.
+    dense = torch.zeros((), dtype=torch.float64,
+                        device=params[0].grad.device if params else "cpu")
+    expert: dict[str, torch.Tensor] = {}
     for p in params:
-        sq = p.grad.detach().double().square().sum().cpu()
+        sq = p.grad.detach().double().square().sum()
         if is_moe_param(p):
             expert[p.group_name] = expert.get(p.group_name, 0) + sq
         else:
             dense += sq
     for name, sq in expert.items():
-        if dist.get_world_size(groups._get_expert_parallel_group(name)) > 1:
-            dist.all_reduce(sq, group=groups._get_expert_parallel_group(name))
-        dense += sq
+        dense += all_reduce_small(sq, group=groups._get_expert_parallel_group(name))
     norm = dense.sqrt().item()
     if max_norm > 0 and norm > max_norm:
         coeff = max_norm / (norm + 1e-6)

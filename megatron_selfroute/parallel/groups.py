@@ -41,9 +41,31 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         _disable_shm_comm()
+    elif backend == "nccl" and torch.cuda.is_available():
+        # Bind this rank to its GPU before the first collective (as Megatron does): NCCL groups and
+        # barriers otherwise guess device 0 on every rank of a node.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     _default_group_timeout(timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def comm_device() -> torch.device:
+    """Where a tensor given to a collective of this project must live: NCCL takes only tensors
+    on the rank's GPU, gloo those on the CPU. Every small all-reduce in the training loop (NaN
+    flags, losses, routing counts, exit flags) puts its tensor here."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_small(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """All-reduce a small tensor on the backend's device; returns it (reduced) on `t`'s device."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return t
+    buf = t.to(comm_device(), copy=True)
+    dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=group)
+    return buf.to(t.device)
 
 
 def _default_group_timeout(timeout: datetime.timedelta) -> None:

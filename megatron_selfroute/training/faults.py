@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.training.logging import print_rank0
 
 
@@ -16,9 +17,8 @@ class TrainingError(RuntimeError):
 
 def any_rank_nonfinite(loss: torch.Tensor) -> bool:
     """True when the loss is NaN/Inf on any rank (every rank gets the same answer)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() > 0
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+    return all_reduce_small(bad, op=dist.ReduceOp.MAX).item() > 0
 
 
 def skip_or_stop(state, tr, iteration: int, what: str, last_checkpoint: Optional[str]) -> bool:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_selfroute.moe.stats import routing_metrics
+from megatron_selfroute.parallel.groups import all_reduce_small
 
 
 def print_rank0(*args) -> None:
@@ -27,7 +28,8 @@ class RoutingAccumulator:
         self.dropped: Optional[torch.Tensor] = None
 
     def add(self, counts_LE: torch.Tensor, dropped_L: torch.Tensor) -> None:
-        c, d = counts_LE.detach().to("cpu", torch.int64), dropped_L.detach().to("cpu", torch.int64)
+        # Accumulated where the counts are (no device sync per micro-batch); read at reduce.
+        c, d = counts_LE.detach().to(torch.int64), dropped_L.detach().to(torch.int64)
         if self.counts is None:
             self.counts, self.dropped = c.clone(), d.clone()
         else:
@@ -38,9 +40,8 @@ class RoutingAccumulator:
         """All-reduce over data-parallel ranks; per-layer metrics (None without MoE layers)."""
         if self.counts is None:
             return None
-        both = torch.cat([self.counts.reshape(-1), self.dropped])
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(both, group=group)
+        both = all_reduce_small(torch.cat([self.counts.reshape(-1), self.dropped]),
+                                group=group).cpu()
         n = self.counts.numel()
         counts = both[:n].view_as(self.counts)
         metrics = routing_metrics(counts, both[n:])

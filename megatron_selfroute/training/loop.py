@@ -28,7 +28,7 @@ from megatron_selfroute.parallel.engine import (
     clip_gradients_stage0,
     gradient_accumulation_steps,
 )
-from megatron_selfroute.parallel.groups import init_distributed, shutdown
+from megatron_selfroute.parallel.groups import all_reduce_small, init_distributed, shutdown
 from megatron_selfroute.training import checkpointing
 from megatron_selfroute.training.faults import (
     TrainingError,
@@ -66,6 +66,9 @@ class Task:
     # Called after every optimizer step with (engine, iteration), e.g. for a model EMA.
     after_step: Optional[Callable[[Any, int], None]] = None
     report_perplexity: bool = True
+    # Called with (engine, batch) on each batch while it is still on the host, before the copy to
+    # the device: a place for data checks that would otherwise wait for the GPU.
+    check_batch: Optional[Callable[[Any, dict], None]] = None
     # Settings outside Config that fix the model's shape (e.g. image and patch size): saved with
     # every checkpoint and compared on resume.
     shape_config: dict = field(default_factory=dict)
@@ -122,7 +125,7 @@ def _batches(dataset, cfg: Config, consumed: int, total: int, collate) -> Any:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=sampler,
                                        num_workers=cfg.data.num_workers, collate_fn=collate,
-                                       generator=gen)
+                                       generator=gen, pin_memory=torch.cuda.is_available())
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -143,6 +146,8 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[
     loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate)
     with torch.no_grad():
         for batch in loader:
+            if task.check_batch is not None:
+                task.check_batch(engine, batch)
             _, metrics = task.forward_step(engine, _to_device(batch, engine.device), iteration)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -152,8 +157,7 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[
                 acc.add(*model.routing_counts())
     engine.train()
     names = sorted(sums)
-    stats = torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64)
-    dist.all_reduce(stats)
+    stats = all_reduce_small(torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64))
     count = max(stats[-1].item(), 1)
     return {k: stats[i].item() / count for i, k in enumerate(names)}, acc.reduce_and_reset()
 
@@ -242,7 +246,10 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         skip_step = False
         for micro in range(accum):
             with timers("data", 1):
-                batch = _to_device(next(loader), engine.device)
+                batch = next(loader)
+                if task.check_batch is not None:
+                    task.check_batch(engine, batch)
+                batch = _to_device(batch, engine.device)
             with timers("forward", 1):
                 loss, metrics = task.forward_step(engine, batch, it)
             loss = injected_fault(loss, it + 1)
@@ -378,9 +385,7 @@ def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result) -> None:
 
 
 def _dp_mean(values: torch.Tensor) -> list[float]:
-    values = values.clone()
-    dist.all_reduce(values)
-    return (values / dist.get_world_size()).tolist()
+    return (all_reduce_small(values) / dist.get_world_size()).tolist()
 
 
 def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str]:
@@ -390,7 +395,7 @@ def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str
         1.0 if (tr.exit_duration_in_mins and
                 (time.time() - start_time) / 60 >= tr.exit_duration_in_mins) else 0.0,
     ])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    flags = all_reduce_small(flags, op=dist.ReduceOp.MAX)
     if flags[0] > 0:
         return "SIGTERM received (--exit-signal-handler)"
     if flags[1] > 0:
