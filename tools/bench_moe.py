@@ -280,8 +280,10 @@ def main(argv=None) -> dict:
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "dtype": dtype, "tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn,
               "experts": args.experts, "topk": args.topk, "reps": args.reps,
+              "expert_compute": args.expert_compute,
               "autoep": AUTOEP_NOTE, "layer": layer_bench(args)}
-    print(f"device {result['device']} {dtype}; limit = one FFN over {args.tokens * args.topk} "
+    print(f"device {result['device']} {dtype}, expert compute {args.expert_compute}; "
+          f"limit = one FFN over {args.tokens * args.topk} "
           f"token-slots: {result['layer']['limit_median_ms']:.1f} ms median")
     print(f"{'router':>12} {'dispatcher':>10} {'max frac':>8} {'time/limit':>10} "
           f"{'[min, max]':>14} {'mem/limit':>9}")
