@@ -333,7 +333,8 @@ def encoded_chunks(
         for raw, docs in chunks:
             yield (raw, *encode_chunk(docs))
         return
-    with multiprocessing.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=init_args)
+    try:
         pending: deque = deque()
         for raw, docs in chunks:
             pending.append((raw, pool.apply_async(encode_chunk, (docs,))))
@@ -343,6 +344,12 @@ def encoded_chunks(
         while pending:
             raw_done, result = pending.popleft()
             yield (raw_done, *result.get())
+    finally:
+        # close + join, also on bad input: `with Pool` would call terminate(), which can deadlock
+        # on the task queue's lock (seen once: an invalid line, then a hang instead of the error
+        # line). At most 2 x workers chunks are still in flight, so this returns promptly.
+        pool.close()
+        pool.join()
 
 
 # ---------------------------------------------------------------------------------- writing
