@@ -3,9 +3,10 @@
 #   1. CUDA checks (pytest -m gpu tests/gpu): bf16 grouped GEMM and the expert loop against an
 #      fp64 reference, no host sync in the single-GPU MoE layer, deterministic mode.
 #   2. tools/bench_moe.py in bf16 at GPT-2 small shapes (grouped expert compute, then the loop).
-#   3. Short GPT-2 small training runs (dense, and MoE with 8 experts top-2 in every layer,
-#      self router; seq 1024, bf16, mock data): tokens/s and MFU of the last logged interval.
-# Everything lands in $OUT (7 files); summary.md is the table for docs/PERFORMANCE.md.
+#   3. Short GPT-2 small training runs (dense; MoE with 8 experts top-2 in every layer, self
+#      router, automatic expert compute; the same MoE with the per-expert loop; seq 1024, bf16,
+#      mock data): tokens/s and MFU of the last logged interval.
+# Everything lands in $OUT (8 files); summary.md is the table for docs/PERFORMANCE.md.
 #
 # Environment: PYTHON (./.venv/bin/python if present, else python3), OUT (runs/gpu_report),
 # ITERS (40), MBS (16), WHEELS (./.whl: *.whl there are installed into a private folder first,
@@ -59,6 +60,10 @@ then
   exit 2
 fi
 date -u +"date: %Y-%m-%d %H:%M UTC" >> "$OUT/device.txt"
+if command -v nvidia-smi > /dev/null; then  # the card's state as found (clocks, power cap)
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /' >> "$OUT/device.txt" || true
+fi
 cat "$OUT/device.txt"
 if grep -q "no CUDA" "$OUT/device.txt"; then
   if [ "$SMOKE" != 1 ]; then
@@ -108,11 +113,13 @@ run_stage "bench_moe, bf16, per-expert loop" "$OUT/bench_moe.log" \
 COMMON=("${SHAPE[@]}" --bf16 --mock-data --tokenizer-type NullTokenizer
         --micro-batch-size "$MBS" --train-iters "$ITERS" --log-interval 10
         --eval-interval 100000 --eval-iters 2 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 10)
-for variant in dense moe; do
+for variant in dense moe moe_loop; do
   extra=()
-  if [ "$variant" = moe ]; then
-    extra=(--num-experts 8 --moe-router-topk 2 --router-type self)
-  fi
+  case "$variant" in
+    moe) extra=(--num-experts 8 --moe-router-topk 2 --router-type self) ;;
+    moe_loop) extra=(--num-experts 8 --moe-router-topk 2 --router-type self
+                     --moe-grouped-gemm loop) ;;
+  esac
   : > "$OUT/train_$variant.log"
   run_stage "GPT-2 small $variant, bf16" "$OUT/train_$variant.log" \
     "$PYTHON" pretrain_gpt.py "${COMMON[@]}" "${extra[@]}"
@@ -127,7 +134,7 @@ device = (out / "device.txt").read_text().strip().replace("\n", " | ")
 print(f"GPU report: {device}\n")
 print("| run | tokens/s | TFLOP/s per GPU | MFU |\n| --- | --- | --- | --- |")
 mfu = {}
-for v in ("dense", "moe"):
+for v in ("dense", "moe", "moe_loop"):
     lines = [l for l in (out / f"train_{v}.log").read_text().splitlines() if "tokens/s" in l]
     if not lines:
         print(f"| {v} | no logged interval (see train_{v}.log) | | |")
@@ -137,7 +144,9 @@ for v in ("dense", "moe"):
     tfl = re.search(r"TFLOP/s/device ([0-9.]+)", last).group(1)
     m = re.search(r"MFU ([0-9.]+)%", last)
     mfu[v] = float(m.group(1)) if m else None
-    print(f"| GPT-2 small {v} | {tps} | {tfl} | {m.group(1) + '%' if m else 'n/a'} |")
+    name = {"dense": "dense", "moe": "MoE 8x top-2, self",
+            "moe_loop": "MoE, per-expert loop"}[v]
+    print(f"| GPT-2 small {name} | {tps} | {tfl} | {m.group(1) + '%' if m else 'n/a'} |")
 if mfu.get("dense") and mfu.get("moe"):
     print(f"\nMoE MFU / dense MFU: {mfu['moe'] / mfu['dense']:.2f}")
 bench = out / "bench_moe.json"

@@ -27,19 +27,20 @@ def test_smoke_run_fills_every_file_and_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["bench_moe.json", "bench_moe.log", "device.txt", "gpu_checks.log",
-                     "summary.md", "train_dense.log", "train_moe.log"]
+                     "summary.md", "train_dense.log", "train_moe.log", "train_moe_loop.log"]
     assert len(files) <= 8  # what a sealed GPU machine's output folder may hand back
     device = (out / "device.txt").read_text()
     assert "device: cpu (no CUDA)" in device and "deepspeed 0.19.8" in device, device
     assert "not run: no CUDA device" in (out / "gpu_checks.log").read_text()
     summary = (out / "summary.md").read_text()
     # Each row carries the numbers of its run's last logged interval, read from its log.
-    for variant in ("dense", "moe"):
+    names = {"dense": "dense", "moe": "MoE 8x top-2, self", "moe_loop": "MoE, per-expert loop"}
+    for variant, name in names.items():
         last = [ln for ln in (out / f"train_{variant}.log").read_text().splitlines()
                 if "tokens/s" in ln][-1]
         tps = last.split("tokens/s ")[1].split()[0]
         mfu = last.split("MFU ")[1].split()[0]
-        assert f"| GPT-2 small {variant} | {tps} |" in summary and f"| {mfu} |" in summary
+        assert f"| GPT-2 small {name} | {tps} |" in summary and f"| {mfu} |" in summary
     assert "MoE MFU / dense MFU" in summary
     rows = json.loads((out / "bench_moe.json").read_text())["layer"]["rows"]
     assert rows and all(f"| {r['router']} | {r['dispatcher']} |" in summary for r in rows)
