@@ -39,7 +39,7 @@ fi
 
 # Preflight: one line naming the device and versions, or one line naming what is missing.
 preflight_err="$(mktemp)"
-if ! "$PYTHON" - > "$OUT/device.txt" 2> "$preflight_err" <<'PY'
+if ! "$PYTHON" - 2> "$preflight_err" <<'PY' | grep '^device: ' > "$OUT/device.txt"
 import importlib, sys
 missing = []
 for name in ("torch", "deepspeed", "numpy", "tiktoken", "tqdm", "psutil", "pytest"):
