@@ -157,7 +157,12 @@ def layer_bench(args) -> dict:
 
 
 def volume_worker(rank: int, world: int, port: int, args, queue) -> None:
-    """One rank of the 2-process all-to-all volume measurement."""
+    """One rank of the 2-process all-to-all volume measurement (on CPU processes over gloo even
+    on a GPU machine: the bytes sent do not depend on the device)."""
+    import copy
+
+    args = copy.copy(args)
+    args.device = "cpu"
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megatron_selfroute.parallel.groups import expert_parallel_group, init_distributed

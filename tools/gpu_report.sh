@@ -122,11 +122,11 @@ for variant in dense moe moe_loop; do
   esac
   : > "$OUT/train_$variant.log"
   run_stage "GPT-2 small $variant, bf16" "$OUT/train_$variant.log" \
-    "$PYTHON" pretrain_gpt.py "${COMMON[@]}" "${extra[@]}"
+    "$PYTHON" pretrain_gpt.py "${COMMON[@]}" ${extra[@]+"${extra[@]}"}
 done
 
 # summary.md: the last logged interval of each run (the first interval includes warm-up).
-"$PYTHON" - "$OUT" <<'PY' | tee "$OUT/summary.md"
+"$PYTHON" - "$OUT" <<'PY' | tee "$OUT/summary.md" || failed+=("summary (see above)")
 import json, re, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -26,6 +26,7 @@ import glob
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -300,6 +301,13 @@ def init_worker(tokenizer_kwargs: dict, append_eod: bool) -> None:
     _WORKER["append_eod"] = append_eod
 
 
+def init_pool_worker(tokenizer_kwargs: dict, append_eod: bool) -> None:
+    """A pool worker ignores Ctrl-C: the parent handles it, and the chunks already handed out
+    still finish, so closing the pool never waits on a chunk whose worker died."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(tokenizer_kwargs, append_eod)
+
+
 def encode_chunk(docs: list[Document]) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
     """Tokenize a chunk: returns (UTF-8 bytes of text, per key (tokens, lengths))."""
     tokenizer, dtype = _WORKER["tokenizer"], _WORKER["dtype"]
@@ -333,7 +341,7 @@ def encoded_chunks(
         for raw, docs in chunks:
             yield (raw, *encode_chunk(docs))
         return
-    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=init_args)
+    pool = multiprocessing.Pool(workers, initializer=init_pool_worker, initargs=init_args)
     try:
         pending: deque = deque()
         for raw, docs in chunks:

@@ -123,10 +123,14 @@ class AllToAllDispatcher:
         return out.to(y_RD.dtype)
 
 
-def grouped_mm_available(x: Tensor) -> bool:
-    """torch's grouped GEMM pays off for bf16 on Hopper-class GPUs (capability >= 9.0)."""
+def grouped_mm_available(x: Tensor, ffn_size: int) -> bool:
+    """torch's grouped GEMM for bf16 on Hopper (capability 9.x) with 16-byte-aligned rows
+    (hidden and FFN sizes multiples of 8). Not chosen automatically elsewhere: pytorch issue
+    #172439 reports non-zero weight gradients for experts without tokens on capability 10
+    (B200). `--moe-grouped-gemm grouped` still forces it."""
     return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+            and torch.cuda.get_device_capability(x.device)[0] == 9
+            and x.shape[-1] % 8 == 0 and ffn_size % 8 == 0)
 
 
 def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: Tensor | list[int],
@@ -137,7 +141,8 @@ def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: Tensor | list[int]
     "grouped" runs all experts in one `torch._grouped_mm` per projection with the counts left on
     the device; "auto" picks grouped for bf16 on Hopper, else the loop.
     """
-    if mode == "grouped" or (mode == "auto" and grouped_mm_available(x_RD)):
+    if mode == "grouped" or (mode == "auto" and grouped_mm_available(
+            x_RD, experts[0].c_fc.weight.shape[0])):
         return _grouped_experts(experts, x_RD, counts)
     if torch.is_tensor(counts):
         counts = counts.tolist()

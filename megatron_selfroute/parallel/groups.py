@@ -44,7 +44,8 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
     elif backend == "nccl" and torch.cuda.is_available():
         # Bind this rank to its GPU before the first collective (as Megatron does): NCCL groups and
         # barriers otherwise guess device 0 on every rank of a node.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        torch.cuda.set_device(int(local) % torch.cuda.device_count())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     _default_group_timeout(timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)

@@ -6,7 +6,8 @@ tools/gpu_report.sh). Deselected by default; on a machine without CUDA they fail
 - the single-GPU alltoall path (self router, dropless, grouped) never waits for the device
   (`torch.cuda.set_sync_debug_mode("error")` turns any host sync into an error);
 - under `torch.use_deterministic_algorithms(True)` two identical steps give bit-identical outputs
-  and gradients.
+  and gradients;
+- experts that receive no rows get exactly zero gradients, grouped and loop.
 """
 import pytest
 import torch
@@ -129,3 +130,34 @@ def test_deterministic_mode_repeats_bit_exactly():
     (y0, gx0, g0), (y1, gx1, g1) = runs
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["grouped", "loop"])
+def test_experts_without_rows_get_exactly_zero_gradients(mode):
+    """Row blocks [3, 0, 517, 0, 64, 0, 0, 1000]: outputs match an fp64 per-row reference, and the
+    experts with no rows get all-zero weight and bias gradients (pytorch#172439 saw otherwise for
+    grouped_mm on B200)."""
+    from megatron_selfroute.moe.dispatcher import run_experts
+
+    layer = make_layer(router="learned", mode=mode)
+    counts = [3, 0, 517, 0, 64, 0, 0, 1000]
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    x = torch.randn(sum(counts), D, device=DEV, generator=gen).to(torch.bfloat16)
+    y = run_experts(layer.local_experts, x, torch.tensor(counts, device=DEV), mode)
+    approx = layer.local_experts[0].gelu_approximation
+    ref, row = [], 0
+    for e, c in enumerate(counts):
+        ex = layer.local_experts[e]
+        xs = x[row:row + c].double()
+        h = torch.nn.functional.gelu(xs @ ex.c_fc.weight.double().t() + ex.c_fc.bias.double(),
+                                     approximate=approx)
+        ref.append(h @ ex.c_proj.weight.double().t() + ex.c_proj.bias.double())
+        row += c
+    assert rel(y, torch.cat(ref)) < 1e-2
+    y.float().square().sum().backward()
+    for e, c in enumerate(counts):
+        for p in layer.local_experts[e].parameters():
+            if c == 0:
+                assert p.grad is None or torch.count_nonzero(p.grad) == 0, (mode, e)
+            else:
+                assert p.grad is not None and torch.count_nonzero(p.grad) > 0, (mode, e)
