@@ -1,6 +1,7 @@
 """Crash safety: a 2-process training run (EP=2, ZeRO-2, dropout, a checkpoint every step) is
-killed with SIGKILL at random moments -- many land inside checkpoint saves -- and relaunched with
---load until it finishes; its final losses and weights equal an uninterrupted run's exactly."""
+killed with SIGKILL at random moments -- half of the kills aimed inside checkpoint saves -- and
+relaunched with --load until it finishes; its final losses and weights equal an uninterrupted
+run's exactly."""
 import random
 import re
 import signal
@@ -64,7 +65,14 @@ def run_with_kills(tmp, rng, max_kills):
                 if any(p.poll() is not None for p in procs) or time.time() > deadline:
                     break
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 0.6))
+            if rng.random() < 0.5:  # a random moment (a save takes ~7 of every ~60 ms here)
+                time.sleep(rng.uniform(0.0, 0.6))
+            else:  # aim inside a save: wait for a checkpoint's .tmp directory to appear
+                while not any(ckpt.glob("iter_*.tmp")) and time.time() < deadline:
+                    if any(p.poll() is not None for p in procs):
+                        break
+                    time.sleep(0.001)
+                time.sleep(rng.uniform(0.0, 0.004))
             if all(p.poll() is None for p in procs):
                 for p in procs:
                     p.send_signal(signal.SIGKILL)
