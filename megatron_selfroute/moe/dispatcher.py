@@ -87,7 +87,8 @@ class AllToAllDispatcher:
             ids_R, probs_R, token_R = ids_R[kept], probs_R[kept], token_R[kept]
         order = torch.argsort(ids_R, stable=True)
         token_R, probs_R = token_R[order], probs_R[order]
-        counts_E = count_per_expert(ids_R, self.num_experts)
+        counts_E = (routing.tokens_per_expert_E if routing.keep_TK is None
+                    else count_per_expert(ids_R, self.num_experts))  # kept routes only
         x_RD = x_TD.index_select(0, token_R)  # rows contiguous per global expert
         state = DispatchState(token_R, probs_R, num_tokens)
         if self.ep_size == 1:

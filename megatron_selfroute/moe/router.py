@@ -98,7 +98,7 @@ class Router(nn.Module):
         keep_TK = None
         dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
         if self.capacity_factor is not None:
-            keep_TK = self._capacity_mask(probs_TK, ids_TK)
+            keep_TK = self._capacity_mask(probs_TK, ids_TK, tokens_per_expert_E)
             probs_TK = probs_TK * keep_TK
             dropped = (~keep_TK).sum()
         zero = logits_TE.new_zeros(())
@@ -116,7 +116,7 @@ class Router(nn.Module):
         """Routes each expert may take from this batch: ceil(T k / E x factor)."""
         return math.ceil(num_tokens * self.topk / self.num_experts * self.capacity_factor)
 
-    def _capacity_mask(self, probs_TK: Tensor, ids_TK: Tensor) -> Tensor:
+    def _capacity_mask(self, probs_TK: Tensor, ids_TK: Tensor, counts_E: Tensor) -> Tensor:
         """Keep, per expert, the `capacity` routes with the highest prob (or earliest token)."""
         num_tokens, k = ids_TK.shape
         cap = self.capacity(num_tokens)
@@ -128,8 +128,7 @@ class Router(nn.Module):
         # Sort routes by (expert, priority desc); rank within each expert's block.
         order = torch.argsort(priority, descending=True, stable=True)
         order = order[torch.argsort(flat_ids[order], stable=True)]
-        counts = count_per_expert(flat_ids, self.num_experts)
-        starts = torch.cumsum(counts, 0) - counts
+        starts = torch.cumsum(counts_E, 0) - counts_E
         rank_sorted = torch.arange(flat_ids.numel(), device=ids_TK.device) - starts[flat_ids[order]]
         keep = torch.empty_like(flat_ids, dtype=torch.bool)
         keep[order] = rank_sorted < cap

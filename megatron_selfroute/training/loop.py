@@ -128,8 +128,11 @@ def _batches(dataset, cfg: Config, consumed: int, total: int, collate) -> Any:
                                        generator=gen, pin_memory=torch.cuda.is_available())
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+def _to_device(task: Task, engine, batch: dict) -> dict:
+    """The task's host-side checks on a loader batch, then its tensors on the engine's device."""
+    if task.check_batch is not None:
+        task.check_batch(engine, batch)
+    return {k: (v.to(engine.device, non_blocking=True) if torch.is_tensor(v) else v)
             for k, v in batch.items()}
 
 
@@ -146,9 +149,7 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[
     loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate)
     with torch.no_grad():
         for batch in loader:
-            if task.check_batch is not None:
-                task.check_batch(engine, batch)
-            _, metrics = task.forward_step(engine, _to_device(batch, engine.device), iteration)
+            _, metrics = task.forward_step(engine, _to_device(task, engine, batch), iteration)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
@@ -246,10 +247,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         skip_step = False
         for micro in range(accum):
             with timers("data", 1):
-                batch = next(loader)
-                if task.check_batch is not None:
-                    task.check_batch(engine, batch)
-                batch = _to_device(batch, engine.device)
+                batch = _to_device(task, engine, next(loader))
             with timers("forward", 1):
                 loss, metrics = task.forward_step(engine, batch, it)
             loss = injected_fault(loss, it + 1)

@@ -48,30 +48,28 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def expert_fp64(expert, xs):
+    """One GPT-2 MLP expert in fp64 on the fp64 rows `xs` (its weights copied to their device)."""
+    def w(t):
+        return 0 if t is None else t.detach().double().to(xs.device)
+
+    h = xs @ w(expert.c_fc.weight).t() + w(expert.c_fc.bias)
+    h = torch.nn.functional.gelu(h, approximate=expert.gelu_approximation)
+    return h @ w(expert.c_proj.weight).t() + w(expert.c_proj.bias)
+
+
 def per_row_reference(layer, x):
     """fp64 on the CPU, one token at a time: the layer's own routing decision, experts applied
     row by row from their weights (no dispatcher, no grouped GEMM)."""
     routing = layer.router(x.detach())
     ids, probs = routing.ids_TK.cpu(), routing.probs_TK.double().cpu()
     xs = x.detach().double().cpu()
-
-    def cpu64(t):
-        return None if t is None else t.detach().double().cpu()
-
-    ws = [(cpu64(e.c_fc.weight), cpu64(e.c_fc.bias), cpu64(e.c_proj.weight), cpu64(e.c_proj.bias))
-          for e in layer.local_experts]
-    approx = layer.local_experts[0].gelu_approximation
     out = torch.zeros(T, D, dtype=torch.float64)
     for j in range(ids.shape[1]):
         for e in range(E):
             rows = (ids[:, j] == e).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            fw, fb, pw, pb = ws[e]
-            h = xs[rows] @ fw.t() + (0 if fb is None else fb)
-            h = torch.nn.functional.gelu(h, approximate=approx)
-            y = h @ pw.t() + (0 if pb is None else pb)
-            out[rows] += probs[rows, j:j + 1] * y
+            if rows.numel():
+                out[rows] += probs[rows, j:j + 1] * expert_fp64(layer.local_experts[e], xs[rows])
     return out
 
 
@@ -144,16 +142,10 @@ def test_experts_without_rows_get_exactly_zero_gradients(mode):
     gen = torch.Generator(device=DEV).manual_seed(2)
     x = torch.randn(sum(counts), D, device=DEV, generator=gen).to(torch.bfloat16)
     y = run_experts(layer.local_experts, x, torch.tensor(counts, device=DEV), mode)
-    approx = layer.local_experts[0].gelu_approximation
-    ref, row = [], 0
-    for e, c in enumerate(counts):
-        ex = layer.local_experts[e]
-        xs = x[row:row + c].double()
-        h = torch.nn.functional.gelu(xs @ ex.c_fc.weight.double().t() + ex.c_fc.bias.double(),
-                                     approximate=approx)
-        ref.append(h @ ex.c_proj.weight.double().t() + ex.c_proj.bias.double())
-        row += c
-    assert rel(y, torch.cat(ref)) < 1e-2
+    blocks = torch.split(x.double(), counts)
+    ref = torch.cat([expert_fp64(ex, xs) for ex, xs in zip(layer.local_experts, blocks,
+                                                             strict=True)])
+    assert rel(y, ref) < 1e-2
     y.float().square().sum().backward()
     for e, c in enumerate(counts):
         for p in layer.local_experts[e].parameters():
