@@ -14,7 +14,8 @@ from megatron_selfroute.config import Config
 from megatron_selfroute.data.gpt_dataset import build_train_valid_test_datasets, collate_gpt_samples
 from megatron_selfroute.data.samplers import MockGPTDataset
 from megatron_selfroute.data.tokenizer import build_tokenizer
-from megatron_selfroute.models.gpt import GPTModel, gpt_flops_per_token
+from megatron_selfroute.models.gpt import GPTModel, gpt_flops_per_token, parallelize_gpt
+from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.training.loop import Task, pretrain, run_main
 
 
@@ -65,7 +66,8 @@ def make_task(cfg: Config) -> Task:
             eod_token=tokenizer.eod)
 
     return Task(
-        build_model=lambda cfg, ep: GPTModel(cfg, ep_size=ep),
+        build_model=lambda cfg: GPTModel(cfg, init=False),
+        parallelize=parallelize_gpt,
         build_datasets=build_datasets,
         forward_step=forward_step,
         check_batch=check_batch,
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None):
         from megatron_selfroute.parallel.engine import merge_deepspeed_json
 
         extra = merge_deepspeed_json(cfg, cfg.parallel.deepspeed_config, ns.explicit_flags)
-    return pretrain(cfg, make_task(cfg), extra)
+    layout = ParallelLayout.from_config(cfg)
+    return pretrain(cfg, make_task(cfg), layout, extra)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 from timm.loss import SoftTargetCrossEntropy
 
 from megatron_selfroute.arguments import ConfigError, parse_args
@@ -31,8 +29,10 @@ from megatron_selfroute.models.vit import (
     apply_vit_defaults,
     describe,
     every_second_block,
+    parallelize_vit,
     vit_flops_per_image,
 )
+from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.training.logging import print_rank0
 from megatron_selfroute.training.loop import Task, pretrain, run_main
 
@@ -119,11 +119,12 @@ def resolve_model(cfg: Config, ns: argparse.Namespace) -> ViTConfig:
 
 
 def resolve_schedule(cfg: Config, ns: argparse.Namespace, num_train: int, num_val: int,
-                     world: int) -> dict:
+                     dp_size: int) -> dict:
     """Epochs -> iterations (train, warm-up, eval and save intervals, full-set evaluation) and
-    the linear LR scaling; returns the values for the log line."""
+    the linear LR scaling over `dp_size` data-parallel ranks; returns the values for the log
+    line."""
     tr = cfg.train
-    gbs = tr.global_batch_size or tr.micro_batch_size * world
+    gbs = tr.global_batch_size or tr.micro_batch_size * dp_size
     tr.global_batch_size = gbs
     per_epoch = num_train // gbs
     if per_epoch < 1:
@@ -140,7 +141,7 @@ def resolve_schedule(cfg: Config, ns: argparse.Namespace, num_train: int, num_va
     if not _given(ns, "train", "eval_interval"):
         tr.eval_interval = per_epoch
     if not _given(ns, "train", "eval_iters"):
-        tr.eval_iters = math.ceil(num_val / (tr.micro_batch_size * world))
+        tr.eval_iters = math.ceil(num_val / (tr.micro_batch_size * dp_size))
     if tr.save and not _given(ns, "train", "save_interval"):
         tr.save_interval = per_epoch
     base_lr = tr.lr
@@ -149,7 +150,7 @@ def resolve_schedule(cfg: Config, ns: argparse.Namespace, num_train: int, num_va
     return {"per_epoch": per_epoch, "base_lr": base_lr, "gbs": gbs}
 
 
-def make_task(cfg: Config, ns: argparse.Namespace) -> Task:
+def make_task(cfg: Config, ns: argparse.Namespace, layout: ParallelLayout) -> Task:
     """Resolve the recipe against the dataset and describe the DeiT task to the loop."""
     vit = resolve_model(cfg, ns)
     if len(cfg.data.data_path) > 1:
@@ -165,12 +166,12 @@ def make_task(cfg: Config, ns: argparse.Namespace) -> Task:
     if classes is not None and vit.num_classes < len(classes):
         raise ConfigError(f"--num-classes {vit.num_classes} < the dataset's {len(classes)} "
                           "classes")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    sched = resolve_schedule(cfg, ns, len(train_src), len(val_src), world)
+    sched = resolve_schedule(cfg, ns, len(train_src), len(val_src), layout.dp)
+    layout.validate(cfg)  # the recipe set the global batch
     tr = cfg.train
     repeats = vision.RA_REPEATS if ns.repeated_aug else 1
 
-    def build_model(cfg: Config, ep: int) -> VisionTransformer:
+    def build_model(cfg: Config) -> VisionTransformer:
         print_rank0(f"> {describe(cfg, vit)}")
         print_rank0(f"> DeiT recipe: {len(train_src)} train / {len(val_src)} val images, "
                     f"{sched['per_epoch']} iterations per epoch, {tr.train_iters} iterations, "
@@ -178,7 +179,10 @@ def make_task(cfg: Config, ns: argparse.Namespace) -> Task:
                     f"warm-up {tr.lr_warmup_iters} iterations, repeated aug x{repeats}, mixup "
                     f"{ns.mixup} cutmix {ns.cutmix} smoothing {ns.smoothing} reprob "
                     f"{ns.reprob} aa {ns.aa}, EMA {ns.model_ema_decay if ns.model_ema else 'off'}")
-        model = VisionTransformer(cfg, vit, ep_size=ep)
+        return VisionTransformer(cfg, vit, init=False)
+
+    def parallelize(model: VisionTransformer, layout: ParallelLayout) -> VisionTransformer:
+        model = parallelize_vit(model, layout)
         if ns.model_ema:
             model.enable_ema()
         return model
@@ -190,16 +194,16 @@ def make_task(cfg: Config, ns: argparse.Namespace) -> Task:
                                    vision.train_transform(vit.img_size, ns.aa, ns.reprob),
                                    tr.seed)
         valid = vision.EvalImages(val_src, vision.eval_transform(vit.img_size),
-                                  tr.micro_batch_size, dist.get_world_size(), tr.eval_iters)
+                                  tr.micro_batch_size, layout.dp, tr.eval_iters)
         return train, valid, None
 
     collate_train = vision.TrainCollate(vit.num_classes, ns.mixup, ns.cutmix, ns.smoothing,
                                         tr.seed)
 
-    def make_train_loader(cfg: Config, dataset, consumed: int, total: int):
+    def make_train_loader(cfg: Config, dataset, consumed: int, total: int,
+                          layout: ParallelLayout):
         sampler = vision.SlotBatchSampler(total, consumed, tr.micro_batch_size,
-                                          tr.global_batch_size, dist.get_rank(),
-                                          dist.get_world_size())
+                                          tr.global_batch_size, layout.dp_rank, layout.dp)
         # Own generator: the loader must not draw from the global RNG (exact resume).
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                            num_workers=cfg.data.num_workers,
@@ -240,6 +244,7 @@ def make_task(cfg: Config, ns: argparse.Namespace) -> Task:
 
     return Task(
         build_model=build_model,
+        parallelize=parallelize,
         build_datasets=build_datasets,
         forward_step=forward_step,
         collate=vision.collate_eval,
@@ -263,7 +268,8 @@ def main(argv: list[str] | None = None):
         extra = merge_deepspeed_json(cfg, cfg.parallel.deepspeed_config, ns.explicit_flags)
         ns.explicit_flags |= {f"train.{k}" for k in DEIT_TRAIN
                               if getattr(cfg.train, k) != getattr(Config().train, k)}
-    return pretrain(cfg, make_task(cfg, ns), extra)
+    layout = ParallelLayout.from_config(cfg)
+    return pretrain(cfg, make_task(cfg, ns, layout), layout, extra)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any, Optional, Sequence
 
-from megatron_selfroute.config import SECTIONS, Config, parse_layer_freq
+from megatron_selfroute.config import SECTIONS, Config, ConfigError, parse_layer_freq
+from megatron_selfroute.parallel.layout import ParallelLayout, launch_world_size
 
-
-class ConfigError(ValueError):
-    """A bad flag value or combination; its message is one line naming the flags."""
-
+__all__ = ["ConfigError", "build_parser", "namespace_to_config", "parse_args", "validate"]
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -175,15 +172,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "",
     ns.explicit_flags = {k for k in vars(ns) if "." in k and not k.startswith("alias.")}
     ns.explicit_flags |= {f"{sec}.{name}" for dest, (sec, name, _, _) in _SIMPLE_ALIASES.items()
                           if f"alias.{dest}" in vars(ns)}
-    world = os.environ.get("WORLD_SIZE")  # set by torchrun / the deepspeed launcher
-    validate(cfg, int(world) if world else None)
+    validate(cfg, launch_world_size())
     return cfg, ns
 
 
 def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     """Check every cross-field rule once, before heavy work; raise ConfigError naming the flags.
 
-    `world_size` None skips the rules that depend on the process count (checked again at launch).
+    `world_size` None skips the rules that depend on the process count (checked again by the
+    run's `ParallelLayout`); otherwise the layout of `world_size` processes is validated too.
     """
     m, tr = cfg.model, cfg.train
     if m.hidden_size % m.num_attention_heads != 0:
@@ -201,20 +198,18 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
     if tr.micro_batch_size < 1:
         raise ConfigError(f"--micro-batch-size must be >= 1, got {tr.micro_batch_size}")
-    if tr.global_batch_size is not None and world_size is not None:
-        per_step = tr.micro_batch_size * world_size
-        if tr.global_batch_size % per_step != 0:
-            raise ConfigError(
-                f"--global-batch-size {tr.global_batch_size} is not divisible by "
-                f"--micro-batch-size {tr.micro_batch_size} x {world_size} data-parallel processes"
-            )
     if tr.train_iters is not None and tr.train_samples is not None:
         raise ConfigError("--train-iters and --train-samples are mutually exclusive")
-    _validate_moe(cfg, world_size)
+    _validate_moe(cfg)
+    if cfg.parallel.tensor_model_parallel_size != 1:
+        raise ConfigError(f"--tensor-model-parallel-size {cfg.parallel.tensor_model_parallel_size}"
+                          ": tensor parallelism is not implemented yet (use 1)")
+    if world_size is not None:
+        ParallelLayout.from_config(cfg, world_size, rank=0)  # validates the degrees
 
 
-def _validate_moe(cfg: Config, world_size: Optional[int]) -> None:
-    from megatron_selfroute.moe.router import ROUTERS
+def _validate_moe(cfg: Config) -> None:
+    from megatron_selfroute.moe.router import ROUTERS, validate_router
 
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     if moe.router_type not in ROUTERS:
@@ -237,26 +232,7 @@ def _validate_moe(cfg: Config, world_size: Optional[int]) -> None:
     if num_moe == 0:
         raise ConfigError(f"--moe-layer-freq {moe.moe_layer_freq} places no MoE layer in "
                           f"{m.num_layers} blocks")
-    if moe.router_type == "self":
-        if n > m.hidden_size:
-            raise ConfigError(f"--router-type self needs --num-experts {n} <= --hidden-size "
-                              f"{m.hidden_size} (logits are hidden coordinates)")
-        if moe.self_route_dims == "per-layer" and n * num_moe > m.hidden_size:
-            raise ConfigError(
-                f"--self-route-dims per-layer needs --num-experts {n} x {num_moe} MoE layers "
-                f"= {n * num_moe} <= --hidden-size {m.hidden_size}"
-            )
-    elif moe.self_route_dims != "last":
-        raise ConfigError(f"--self-route-dims {moe.self_route_dims} applies only to "
-                          f"--router-type self, not {moe.router_type}")
-    if moe.fixed_random_shared and moe.router_type != "fixed-random":
-        raise ConfigError("--fixed-random-shared applies only to --router-type fixed-random")
-    if k == 1 and not moe.moe_router_pre_softmax and moe.router_type != "random":
-        raise ConfigError(
-            f"--moe-router-topk 1 with --router-type {moe.router_type} needs "
-            "--moe-router-pre-softmax (softmax over one selected logit is always 1: no router "
-            "gradient)"
-        )
+    validate_router(cfg, num_moe)
     if moe.moe_expert_capacity_factor is not None and moe.moe_expert_capacity_factor <= 0:
         raise ConfigError(f"--moe-expert-capacity-factor must be > 0, got "
                           f"{moe.moe_expert_capacity_factor}")
@@ -267,9 +243,6 @@ def _validate_moe(cfg: Config, world_size: Optional[int]) -> None:
     if ep < 1 or n % ep != 0:
         raise ConfigError(f"--num-experts {n} is not divisible by --expert-model-parallel-size "
                           f"{ep}")
-    if world_size is not None and world_size % ep != 0:
-        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {world_size} "
-                          "processes")
     if par.zero_stage == 3:
         raise ConfigError("--zero-stage 3 is not supported with DeepSpeed-native MoE layers "
                           "(use --zero-stage 0, 1 or 2)")

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+class ConfigError(ValueError):
+    """A bad flag value or combination; its message is one line naming the flags."""
+
+
 def arg(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field carrying its flag help (and optional `choices`, `nargs`, `flag`)."""
     if isinstance(default, list):
@@ -171,6 +175,9 @@ class ParallelConfig:
     """Distributed layout and engine."""
 
     expert_model_parallel_size: int = arg(1, "Expert-parallel group size P (divides experts).")
+    tensor_model_parallel_size: int = arg(
+        1, "Tensor-parallel size T (the layout carries it; only 1 is implemented so far)."
+    )
     zero_stage: int = arg(0, "ZeRO stage 0, 1 or 2.", choices=[0, 1, 2, 3])
     deepspeed_config: Optional[str] = arg(None, "DeepSpeed JSON merged with the flags.")
     local_rank: Optional[int] = arg(None, "Set by launchers; read from LOCAL_RANK otherwise.")

@@ -31,13 +31,21 @@ sys.path.insert(0, str(REPO))
 
 from megatron_selfroute.config import Config  # noqa: E402
 from megatron_selfroute.models.transformer import MLP  # noqa: E402
+from megatron_selfroute.moe.context import RoutingContext  # noqa: E402
 from megatron_selfroute.moe.layer import MoELayer  # noqa: E402
+from megatron_selfroute.moe.router import ROUTERS  # noqa: E402
+from megatron_selfroute.parallel.layout import (  # noqa: E402
+    ParallelLayout,
+    init_distributed,
+    launcher_env,
+)
 
 AUTOEP_NOTE = ("DeepSpeed AutoEP not benchmarked: its experts are gated (SwiGLU/GEGLU) only, "
                "GPT-2's experts are plain GELU MLPs")
 
 
-def build_layer(args, dispatcher: str, router: str, ep_size: int = 1) -> MoELayer:
+def build_layer(args, dispatcher: str, router: str, layout: ParallelLayout | None = None
+                ) -> MoELayer:
     cfg = Config()
     cfg.model.hidden_size, cfg.model.ffn_hidden_size = args.hidden, args.ffn
     m = cfg.moe
@@ -45,14 +53,17 @@ def build_layer(args, dispatcher: str, router: str, ep_size: int = 1) -> MoELaye
     m.moe_token_dispatcher_type = dispatcher
     m.moe_grouped_gemm = args.expert_compute
     torch.manual_seed(0)
-    layer = MoELayer(cfg.model, m, layer_number=0, moe_index=0, ep_size=ep_size, seed=0)
+    layout = layout or ParallelLayout.single(cfg)
+    layer = MoELayer(cfg.model, m, layer_number=0, moe_index=0, seed=0)
+    layer.parallelize(layout.ep_rank, layout.ep, layout.ep_group, torch.device("cpu"))
+    layer.reset_experts(seed=0, std=cfg.model.init_method_std)
     return layer.to(args.device, args.dtype)
 
 
 def bias_for_max_fraction(layer: MoELayer, x, target: float) -> float:
     """Logit bias on expert 0 giving the target max expert fraction (bisection)."""
     with torch.no_grad():
-        logits = layer.router.logits(x)
+        logits = layer.router.logits(x, RoutingContext())
     lo, hi = -20.0, 20.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -68,8 +79,8 @@ def bias_for_max_fraction(layer: MoELayer, x, target: float) -> float:
 def biased_router(layer: MoELayer, bias: float) -> None:
     plain = layer.router.logits
 
-    def logits(x, token_index=None, iteration=0):
-        z = plain(x, token_index, iteration)
+    def logits(x, ctx):
+        z = plain(x, ctx)
         return torch.cat([z[:, :1] + bias, z[:, 1:]], dim=1)
 
     layer.router.logits = logits
@@ -127,7 +138,7 @@ def layer_bench(args) -> dict:
             variants[f"{disp}@{target}"] = (lambda lay=layer: lay(x)[0])
             params[f"{disp}@{target}"] = list(layer.parameters())
             rows.append(("learned", disp, target, layer))
-    for router in ("self", "learned", "fixed-random", "random"):
+    for router in ROUTERS:
         layer = build_layer(args, "alltoall", router)
         variants[f"alltoall@{router}"] = (lambda lay=layer: lay(x)[0])
         params[f"alltoall@{router}"] = list(layer.parameters())
@@ -163,10 +174,7 @@ def volume_worker(rank: int, world: int, port: int, args, queue) -> None:
 
     args = copy.copy(args)
     args.device = "cpu"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron_selfroute.parallel.groups import expert_parallel_group, init_distributed
-
+    os.environ.update(launcher_env(rank, world, port))
     init_distributed("gloo")
     bytes_per = torch.finfo(args.dtype).bits // 8
     gen = torch.Generator().manual_seed(10 + rank)
@@ -174,8 +182,10 @@ def volume_worker(rank: int, world: int, port: int, args, queue) -> None:
     out = []
     for target in args.imbalance:
         for disp in args.dispatchers:
-            layer = build_layer(args, disp, "learned", ep_size=world)
-            layer.set_expert_parallel_group(expert_parallel_group(world))
+            cfg = Config()
+            cfg.moe.num_experts, cfg.parallel.expert_model_parallel_size = args.experts, world
+            layout = ParallelLayout.from_config(cfg).build_groups()
+            layer = build_layer(args, disp, "learned", layout)
             biased_router(layer, bias_for_max_fraction(layer, x.float(), target))
             sent = _count_sent_bytes(lambda lay=layer: lay(x))
             counts = layer.last_tokens_per_expert
@@ -244,7 +254,7 @@ def train_bench(args) -> list[dict]:
     """tokens/s of a small MoE GPT (mock data) per dispatcher and router; report only."""
     out = []
     for disp in args.dispatchers:
-        for router in ("self", "learned", "fixed-random", "random"):
+        for router in ROUTERS:
             cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), "--num-layers", "4",
                    "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "256",
                    "--num-experts", "8", "--router-type", router, "--moe-token-dispatcher-type",

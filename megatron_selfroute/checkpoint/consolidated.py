@@ -1,6 +1,6 @@
 """Consolidated checkpoints and `load_model`, the one loader every tool uses.
 
-A consolidated checkpoint is a directory with `model.safetensors` (the `GPTModel(ep_size=1)`
+A consolidated checkpoint is a directory with `model.safetensors` (the one-process `GPTModel`
 state dict: every expert under its global id, the fixed-random router projections included, the
 tied output layer stored once as `transformer.wte.weight`; training metadata in the safetensors
 header) and `config.json` (`Config.to_dict()`). It holds no pickles and no parallel layout, so it is
@@ -17,7 +17,8 @@ from torch import Tensor
 
 from megatron_selfroute.checkpoint import CheckpointFormatError
 from megatron_selfroute.config import Config
-from megatron_selfroute.models.gpt import GPTModel
+from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
+from megatron_selfroute.parallel.layout import ParallelLayout
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -118,7 +119,7 @@ def eval_config(cfg: Config) -> Config:
 def build_model(ckpt: Checkpoint, source: str, dropless: bool = True) -> GPTModel:
     """A `GPTModel` (one process) holding exactly the checkpoint's weights, in eval mode."""
     cfg = eval_config(ckpt.cfg) if dropless else ckpt.cfg
-    model = GPTModel(cfg, ep_size=1, init=False)
+    model = parallelize_gpt(GPTModel(cfg, init=False), ParallelLayout.single(cfg), init=False)
     want = model.state_dict()
     sd = dict(ckpt.state_dict)
     if not cfg.model.untie_embeddings_and_output_weights and "transformer.wte.weight" in sd:

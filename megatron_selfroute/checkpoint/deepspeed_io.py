@@ -4,7 +4,7 @@ A tag directory written by `training/checkpointing.py` (any data/expert-parallel
 holds the full non-expert state in `mp_rank_00_model_states.pt` (key `module`; ZeRO 1/2 keep whole
 parameters on every rank, only optimizer states are partitioned) and one file per (MoE layer,
 global expert), `layer_{l}_expert_{e}_mp_rank_00_model_states.pt`, whose keys already use global
-expert ids. Reading merges them into one layout-free state dict (the `GPTModel(ep_size=1)` names);
+expert ids. Reading merges them into one layout-free state dict (the one-process `GPTModel` names);
 writing does the reverse for any expert-parallel size, since DeepSpeed's expert files do not
 depend on it: only `run_state.json` (config, world size) and `dp_world_size` change.
 
@@ -24,7 +24,7 @@ import torch
 from megatron_selfroute.checkpoint import CheckpointFormatError
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.gpt import GPTModel
-from megatron_selfroute.moe.router import mix_seed
+from megatron_selfroute.seeding import mix_seed
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RUN_STATE = "run_state.json"
@@ -130,7 +130,8 @@ def _fresh_rng_state(seed: int) -> dict:
 
 def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
                     world_size: int, meta: dict) -> str:
-    """Write `model` (built with ep_size=1) as a checkpoint for expert-parallel size `ep_size`.
+    """Write `model` (one process, every expert) as a checkpoint for expert-parallel size
+    `ep_size`.
 
     Model weights only: the file set `engine.load_checkpoint(load_module_only=True)` reads
     (`pretrain_gpt.py --load DIR --no-load-optim` or `--finetune`). Optimizer states are not

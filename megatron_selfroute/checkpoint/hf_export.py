@@ -24,6 +24,7 @@ from megatron_selfroute.checkpoint.consolidated import Checkpoint, build_model
 from megatron_selfroute.checkpoint.deepspeed_io import EXPERT_MARK, safe_load
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.hf_gpt2 import from_hf_state_dict, to_hf_state_dict
+from megatron_selfroute.moe.router import ROUTERS
 
 MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling")
 REMOTE_FILES = ("configuration_selfroute_gpt.py", "modeling_selfroute_gpt.py")
@@ -84,7 +85,7 @@ def _gpt2_config(cfg: Config):
         bos_token_id=eod, eos_token_id=eod)
 
 
-def _moe_config(cfg: Config, starts: list[int]):
+def _moe_config(cfg: Config, starts: list[int], router_kind: str):
     from megatron_selfroute.checkpoint.hf_modeling.configuration_selfroute_gpt import (
         SelfRouteGPTConfig,
     )
@@ -96,7 +97,7 @@ def _moe_config(cfg: Config, starts: list[int]):
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         ffn_hidden_size=m.ffn_size, moe_ffn_hidden_size=moe.moe_ffn_hidden_size or m.ffn_size,
         num_experts=moe.num_experts, moe_router_topk=moe.moe_router_topk,
-        moe_layers=moe.layer_pattern(m.num_layers), router_type=moe.router_type,
+        moe_layers=moe.layer_pattern(m.num_layers), router_type=router_kind,
         self_route_starts=starts, moe_router_pre_softmax=moe.moe_router_pre_softmax,
         bias_linear=not m.disable_bias_linear, bias_layernorm=not m.disable_bias_layernorm,
         layer_norm_epsilon=m.layernorm_epsilon, gelu_approximation=m.gelu_approximation,
@@ -110,11 +111,10 @@ def _moe_config(cfg: Config, starts: list[int]):
 def export_hf(ckpt: Checkpoint, out_dir: str, source: str) -> list[str]:
     """Write a Hugging Face directory; returns notes for the user (e.g. no tokenizer)."""
     cfg = ckpt.cfg
-    if cfg.moe.is_moe and cfg.moe.router_type == "random":
-        raise CheckpointFormatError(
-            f"{source}: router type 'random' cannot be exported to Hugging Face (its logits hash "
-            "the token's position in the batch, not the text); evaluate the consolidated "
-            "checkpoint with tools/eval_lm.py instead")
+    router_cls = ROUTERS.get(cfg.moe.router_type) if cfg.moe.is_moe else None
+    if cfg.moe.is_moe and (router_cls is None or router_cls.hf_kind is None):
+        why = router_cls.hf_refusal if router_cls else "is not registered in this process"
+        raise CheckpointFormatError(f"{source}: router type {cfg.moe.router_type!r} {why}")
     model = build_model(ckpt, source)
     vocab = cfg.model.vocab_size
     sd = model.state_dict()
@@ -123,9 +123,9 @@ def export_hf(ckpt: Checkpoint, out_dir: str, source: str) -> list[str]:
             SelfRouteGPTForCausalLM,
         )
 
-        starts = [layer.router.dims.start for layer in model.moe_layers
-                  if cfg.moe.router_type == "self"]
-        hf = SelfRouteGPTForCausalLM(_moe_config(cfg, starts))
+        states = [layer.router.hf_export_state() for layer in model.moe_layers]
+        starts = [st["self_route_start"] for st in states if "self_route_start" in st]
+        hf = SelfRouteGPTForCausalLM(_moe_config(cfg, starts, router_cls.hf_kind))
         hf_sd = {k.replace(EXPERT_MARK, HF_EXPERT_MARK): v for k, v in sd.items()}
         for name in ("transformer.wte.weight", "lm_head.weight"):
             hf_sd[name] = hf_sd[name][:vocab]

@@ -40,7 +40,7 @@ from timm.data.mixup import mixup_target
 from torch import Tensor
 from torchvision import transforms
 
-from megatron_selfroute.moe.router import mix_seed
+from megatron_selfroute.seeding import mix_seed
 
 RA_REPEATS = 3  # DeiT's RASampler num_repeats
 _VAL_DIRS = ("val", "validation")  # ImageFolder directory names

@@ -6,8 +6,11 @@ vocabulary padded to a multiple of --make-vocab-size-divisible-by. The padded ro
 count as parameters, as in the paper) but are never predicted: logits are sliced to the
 tokenizer's vocabulary before any softmax, in training, evaluation and export alike.
 
-Initialisation is a pure function of (seed, parameter name) — expert names use global expert ids —
-so every process count and expert-parallel layout starts from the same model.
+Built for one device: `GPTModel(cfg)` is a complete, initialised single-process model.
+`GPTModel(cfg, init=False)` leaves every expert as a meta-device placeholder, and
+`parallelize_gpt(model, layout)` keeps this rank's experts, allocates them, wires the groups and
+initialises. Initialisation is a pure function of (seed, parameter name) — expert names use global
+expert ids — so every process count and expert-parallel layout starts from the same model.
 """
 from __future__ import annotations
 
@@ -24,8 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.transformer import MLP, Block, layer_norm
+from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
-from megatron_selfroute.moe.router import mix_seed
+from megatron_selfroute.moe.router import ROUTERS
+from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
+from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.seeding import mix_seed
 
 _EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
 
@@ -42,7 +49,7 @@ class GPTOutput:
 class GPTModel(nn.Module):
     """GPT-2 with Hugging Face parameter names (`transformer.h.{i}.attn.c_attn.weight`, ...)."""
 
-    def __init__(self, cfg: Config, ep_size: int = 1, init: bool = True) -> None:
+    def __init__(self, cfg: Config, init: bool = True) -> None:
         super().__init__()
         m, moe = cfg.model, cfg.moe
         self.cfg = cfg
@@ -52,7 +59,7 @@ class GPTModel(nn.Module):
         moe_index = 0
         for i, is_moe in enumerate(self.pattern):
             if is_moe:
-                mlp = MoELayer(m, moe, i, moe_index, ep_size, cfg.train.seed)
+                mlp = MoELayer(m, moe, i, moe_index, cfg.train.seed)
                 moe_index += 1
             else:
                 mlp = MLP(m.hidden_size, m.ffn_size, not m.disable_bias_linear,
@@ -70,7 +77,7 @@ class GPTModel(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.recompute = m.recompute_activations
         if init:
-            self.init_weights(cfg.train.seed)
+            parallelize_gpt(self, ParallelLayout.single(cfg))
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -86,8 +93,7 @@ class GPTModel(nn.Module):
                 canonical = name
                 match = _EXPERT_RE.search(name)
                 if match:  # local expert id -> global expert id
-                    layer = self._layer_of(name)
-                    global_id = layer.ep_rank * layer.num_local_experts + int(match.group(1))
+                    global_id = self._layer_of(name).experts.global_id(int(match.group(1)))
                     canonical = _EXPERT_RE.sub(f"deepspeed_experts.{global_id}.", name)
                 if name.endswith("bias"):
                     p.zero_()
@@ -107,19 +113,20 @@ class GPTModel(nn.Module):
                 attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 token_index: Optional[Tensor] = None, iteration: int = 0) -> GPTOutput:
         """input_ids [B, S]; attention_mask optional bool [B, 1, S, S] (True = attend);
-        token_index [B, S] global token positions for the random router (default arange)."""
+        token_index [B, S] global token positions for the random router (default arange);
+        the routers see both, and the iteration, through one `RoutingContext`."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
         x = self.transformer.drop(self.transformer.wte(input_ids)
                                   + self.transformer.wpe(position_ids))
         aux = x.new_zeros((), dtype=torch.float32)
+        ctx = RoutingContext(token_index, input_ids, iteration)
         for block in self.transformer.h:
             if self.recompute and self.training:
-                x, a = checkpoint(block, x, attention_mask, token_index, iteration,
-                                  use_reentrant=False)
+                x, a = checkpoint(block, x, attention_mask, ctx, use_reentrant=False)
             else:
-                x, a = block(x, attention_mask, token_index, iteration)
+                x, a = block(x, attention_mask, ctx)
             aux = aux + a
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)[..., : self.vocab_size]
@@ -149,11 +156,20 @@ def gpt_flops_per_token(cfg: Config) -> float:
         if is_moe:
             ffn = moe.moe_ffn_hidden_size or m.ffn_size
             flops += moe.moe_router_topk * 2 * 2 * d * ffn
-            if moe.router_type in ("learned", "fixed-random"):
-                flops += 2 * d * moe.num_experts
+            flops += ROUTERS[moe.router_type].flops_per_token(d, moe.num_experts)
         else:
             flops += 2 * 2 * d * m.ffn_size
     return flops + 2 * d * m.padded_vocab_size
+
+
+def parallelize_gpt(model: GPTModel, layout: ParallelLayout, init: bool = True) -> GPTModel:
+    """Apply `layout` to a model built by `GPTModel(cfg, init=False)`: keep and allocate this
+    rank's experts, wire the expert-parallel groups, then (unless `init` is False, for a model
+    whose weights are loaded next) initialise every weight from (seed, name, global expert id)."""
+    apply_expert_parallel(model, layout)
+    if init:
+        model.init_weights(model.cfg.train.seed)
+    return model
 
 
 def num_parameters(model: nn.Module, trainable_only: bool = True) -> int:

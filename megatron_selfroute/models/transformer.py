@@ -6,7 +6,7 @@ Parameter names follow Hugging Face GPT-2 (`ln_1`, `attn.c_attn`, `attn.c_proj`,
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,13 +77,14 @@ class Block(nn.Module):
         self.is_moe = not isinstance(mlp, MLP)
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor], token_index: Optional[Tensor],
-                iteration: int) -> tuple[Tensor, Tensor]:
-        """Returns the new residual stream and this block's router losses (0 for dense)."""
+    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor],
+                ctx: Optional[Any] = None) -> tuple[Tensor, Tensor]:
+        """Returns the new residual stream and this block's router losses (0 for dense);
+        `ctx` is the forward's `RoutingContext`, read by an MoE layer."""
         x_BSD = x_BSD + self.attn(self.ln_1(x_BSD), attn_mask)
         h_BSD = self.ln_2(x_BSD)
         if self.is_moe:
-            y_BSD, aux = self.mlp(h_BSD, token_index, iteration)
+            y_BSD, aux = self.mlp(h_BSD, ctx)
         else:
             y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
         return x_BSD + self.mlp_dropout(y_BSD), aux

@@ -11,8 +11,9 @@ MoE: any block's MLP may be an `MoELayer` (any router). The DeiT-S MoE setting o
 MoE in blocks 1, 3, ..., 11 ("every 2", the V-MoE convention; Megatron-DeepSpeed
 `--expert-interval 2`; pattern `[0,1]*6`), 4 experts top-2.
 
-Initialisation is a pure function of (seed, parameter name) with global expert ids, so every
-process count and expert-parallel layout starts from the same model: truncated normal
+Built for one device like GPTModel (`init=False` leaves the experts as meta placeholders for
+`parallelize_vit`). Initialisation is a pure function of (seed, parameter name) with global expert
+ids, so every process count and expert-parallel layout starts from the same model: truncated normal
 (std --init-method-std, DeiT's 0.02) for every weight matrix, the patch-embedding kernel, the
 class token and the positions; zero biases; unit LayerNorm gains.
 
@@ -35,8 +36,12 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import Config, ModelConfig
 from megatron_selfroute.models.transformer import MLP, CausalSelfAttention, layer_norm
+from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
-from megatron_selfroute.moe.router import mix_seed
+from megatron_selfroute.moe.router import ROUTERS
+from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
+from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.seeding import mix_seed
 
 _EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
 
@@ -110,13 +115,13 @@ class ViTBlock(nn.Module):
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x_BSD: Tensor, token_index: Optional[Tensor],
-                iteration: int) -> tuple[Tensor, Tensor]:
+    def forward(self, x_BSD: Tensor, ctx: Optional[RoutingContext] = None
+                ) -> tuple[Tensor, Tensor]:
         """Returns the new residual stream and this block's router losses (0 for dense)."""
         x_BSD = x_BSD + self.drop_path(self.attn(self.ln_1(x_BSD)))
         h_BSD = self.ln_2(x_BSD)
         if self.is_moe:
-            y_BSD, aux = self.mlp(h_BSD, token_index, iteration)
+            y_BSD, aux = self.mlp(h_BSD, ctx)
         else:
             y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
         return x_BSD + self.drop_path(self.mlp_dropout(y_BSD)), aux
@@ -125,7 +130,7 @@ class ViTBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT/DeiT classifier: images [B, C, H, W] -> logits [B, classes] (+ router losses)."""
 
-    def __init__(self, cfg: Config, vit: ViTConfig, ep_size: int = 1, init: bool = True) -> None:
+    def __init__(self, cfg: Config, vit: ViTConfig, init: bool = True) -> None:
         super().__init__()
         m, moe = cfg.model, cfg.moe
         if vit.img_size % vit.patch_size:
@@ -142,7 +147,7 @@ class VisionTransformer(nn.Module):
         blocks, moe_index = [], 0
         for i, is_moe in enumerate(self.pattern):
             if is_moe:
-                mlp = MoELayer(m, moe, i, moe_index, ep_size, cfg.train.seed)
+                mlp = MoELayer(m, moe, i, moe_index, cfg.train.seed)
                 moe_index += 1
             else:
                 mlp = MLP(d, m.ffn_size, not m.disable_bias_linear, m.gelu_approximation)
@@ -153,7 +158,7 @@ class VisionTransformer(nn.Module):
         self.recompute = m.recompute_activations
         self._ema: list[tuple[nn.Module, str, nn.Parameter]] = []
         if init:
-            self.init_weights(cfg.train.seed)
+            parallelize_vit(self, ParallelLayout.single(cfg))
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -169,7 +174,7 @@ class VisionTransformer(nn.Module):
                 match = _EXPERT_RE.search(name)
                 if match:  # local expert id -> global expert id
                     layer = self.blocks[int(name.split(".")[1])].mlp
-                    global_id = layer.ep_rank * layer.num_local_experts + int(match.group(1))
+                    global_id = layer.experts.global_id(int(match.group(1)))
                     canonical = _EXPERT_RE.sub(f"deepspeed_experts.{global_id}.", name)
                 if ".ln_" in name or name.startswith("norm."):
                     p.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -189,11 +194,12 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
         aux = x.new_zeros((), dtype=torch.float32)
+        ctx = RoutingContext(token_index, None, iteration)
         for block in self.blocks:
             if self.recompute and self.training:
-                x, a = checkpoint(block, x, token_index, iteration, use_reentrant=False)
+                x, a = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x, a = block(x, token_index, iteration)
+                x, a = block(x, ctx)
             aux = aux + a
         return self.head(self.norm(x)[:, 0]).float(), aux
 
@@ -238,6 +244,19 @@ class VisionTransformer(nn.Module):
         return self
 
 
+def parallelize_vit(model: VisionTransformer, layout: ParallelLayout,
+                    init: bool = True) -> VisionTransformer:
+    """Apply `layout` to `VisionTransformer(..., init=False)`: this rank's experts, the groups,
+    then (unless `init` is False) the seeded initialisation. Enable the EMA afterwards."""
+    if model.has_ema:
+        raise RuntimeError("enable_ema() after parallelize_vit (the EMA copies this rank's "
+                           "initialised weights)")
+    apply_expert_parallel(model, layout)
+    if init:
+        model.init_weights(model.cfg.train.seed)
+    return model
+
+
 def vit_flops_per_image(cfg: Config, vit: ViTConfig) -> float:
     """Forward matmul FLOPs per image on active parameters (MoE: k experts): patch embedding,
     per block 2 x (QKV + output) x S + attention 2 x 2 x S^2 x D + MLP or k experts (+ router),
@@ -250,8 +269,7 @@ def vit_flops_per_image(cfg: Config, vit: ViTConfig) -> float:
         if is_moe:
             ffn = moe.moe_ffn_hidden_size or m.ffn_size
             flops += moe.moe_router_topk * 2 * 2 * d * ffn * s
-            if moe.router_type in ("learned", "fixed-random"):
-                flops += 2 * d * moe.num_experts * s
+            flops += ROUTERS[moe.router_type].flops_per_token(d, moe.num_experts) * s
         else:
             flops += 2 * 2 * d * m.ffn_size * s
     return flops + 2 * d * vit.num_classes

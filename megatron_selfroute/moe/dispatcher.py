@@ -1,18 +1,22 @@
 """Token dispatchers: move routed tokens to their experts and the results back.
 
-Only this module knows about process groups. Two implementations sit behind one seam:
+One interface, `TokenDispatcher.forward(x_TD, routing, experts) -> y_TD`, in three phases:
+dispatch (local permutation, then communication over the expert-parallel group) -> experts ->
+combine (the reverse exchange, unpermute, weighted sum). The routing decision (`RouterOutput`) is
+an argument; a dispatcher keeps no state between calls. Two implementations:
 
 - `AllToAllDispatcher` (default, `--moe-token-dispatcher-type alltoall`): padding-free and
-  dropless-capable. Routes are permuted locally so each expert's rows are contiguous, the per-expert
-  counts are exchanged, rows travel with one uneven all-to-all over the expert-parallel group,
-  local experts run on their row blocks, and the reverse all-to-all + unpermute + weighted sum
+  dropless-capable. Routes are permuted locally so each expert's rows are contiguous, the
+  per-expert counts are exchanged, rows travel with one uneven all-to-all, local experts run on
+  their row blocks (`Experts.compute`), and the reverse all-to-all + unpermute + weighted sum
   brings them home. Cost is proportional to the routed tokens, whatever the imbalance.
-- `DeepSpeedGateAdapter` feeds DeepSpeed's own `MOELayer` (the reference path,
-  `--moe-token-dispatcher-type deepspeed`) with this project's routing decision in DeepSpeed's
-  7-tuple form. DeepSpeed pads every expert to a common capacity (the most-loaded expert when
-  dropless), so its cost grows with imbalance.
+- `DeepSpeedDispatcher` (`--moe-token-dispatcher-type deepspeed`, the reference path): DeepSpeed's
+  own `MOELayer` runs all three phases with its padded capacity buffers (the most-loaded expert
+  when dropless, so its cost grows with imbalance), fed this project's routing through
+  `DeepSpeedGateAdapter`, which turns it into DeepSpeed's 7-tuple.
 
-Autograd runs through every step of both.
+The expert-parallel group arrives through `wire` (called by `MoELayer.parallelize`). Autograd
+runs through every step of both.
 """
 from __future__ import annotations
 
@@ -21,9 +25,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megatron_selfroute.moe.experts import Experts
 from megatron_selfroute.moe.router import RouterOutput, count_per_expert
 
 
@@ -62,16 +66,40 @@ class DispatchState:
     regroup: Optional[Tensor] = None  # received (rank, expert) order -> (expert, rank) order
 
 
-class AllToAllDispatcher:
+class TokenDispatcher:
+    """dispatch -> experts -> combine for one MoE layer over its expert-parallel group."""
+
+    def __init__(self, num_experts: int, expert_compute: str = "auto") -> None:
+        self.num_experts = num_experts
+        self.expert_compute = expert_compute  # --moe-grouped-gemm
+        self.ep_group = None
+        self.ep_size = 1
+        self.num_local_experts = num_experts
+
+    def wire(self, experts: Experts, ep_group, ep_size: int) -> None:
+        """Adopt the layer's (materialised) experts and its expert-parallel group."""
+        self.ep_group, self.ep_size = ep_group, ep_size
+        self.num_local_experts = self.num_experts // ep_size
+
+    def forward(self, x_TD: Tensor, routing: RouterOutput, experts: Experts) -> Tensor:
+        """[T, D] tokens -> [T, D] weighted sum of each token's expert outputs."""
+        raise NotImplementedError
+
+    __call__ = forward
+
+
+class AllToAllDispatcher(TokenDispatcher):
     """Padding-free dispatch over an expert-parallel group of size P (P = 1: local only)."""
 
-    def __init__(self, num_experts: int, num_local_experts: int, ep_group=None,
-                 ep_size: int = 1) -> None:
-        self.num_experts = num_experts
-        self.num_local_experts = num_local_experts
-        self.ep_group = ep_group
-        self.ep_size = ep_size
+    def __init__(self, num_experts: int, expert_compute: str = "auto") -> None:
+        super().__init__(num_experts, expert_compute)
         self.last_sent_rows = 0  # rows sent to other ranks in the last dispatch (for benchmarks)
+
+    def forward(self, x_TD: Tensor, routing: RouterOutput, experts: Experts) -> Tensor:
+        rows_RD, counts, state = self.dispatch(x_TD, routing)
+        return self.combine(experts.compute(rows_RD, counts, self.expert_compute), state)
+
+    __call__ = forward
 
     def dispatch(self, x_TD: Tensor, routing: RouterOutput) -> tuple[Tensor, Tensor,
                                                                      DispatchState]:
@@ -124,86 +152,29 @@ class AllToAllDispatcher:
         return out.to(y_RD.dtype)
 
 
-def grouped_mm_available(x: Tensor, ffn_size: int) -> bool:
-    """torch's grouped GEMM for bf16 on Hopper (capability 9.x) with 16-byte-aligned rows
-    (hidden and FFN sizes multiples of 8). Not chosen automatically elsewhere: pytorch issue
-    #172439 reports non-zero weight gradients for experts without tokens on capability 10
-    (B200). `--moe-grouped-gemm grouped` still forces it."""
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] == 9
-            and x.shape[-1] % 8 == 0 and ffn_size % 8 == 0)
-
-
-def run_experts(experts: nn.ModuleList, x_RD: Tensor, counts: Tensor | list[int],
-                mode: str = "auto") -> Tensor:
-    """Apply local expert e to its contiguous row block of `x_RD` ([R, D], `counts[e]` rows each).
-
-    `mode`: "loop" runs one GEMM pair per non-empty expert (it needs the counts on the host);
-    "grouped" runs all experts in one `torch._grouped_mm` per projection with the counts left on
-    the device; "auto" picks grouped for bf16 on Hopper, else the loop.
-    """
-    if mode == "grouped" or (mode == "auto" and grouped_mm_available(
-            x_RD, experts[0].c_fc.weight.shape[0])):
-        return _grouped_experts(experts, x_RD, counts)
-    if torch.is_tensor(counts):
-        counts = counts.tolist()
-    outs = []
-    for expert, rows in zip(experts, torch.split(x_RD, counts), strict=True):
-        outs.append(expert(rows) if rows.shape[0] else rows)
-    return torch.cat(outs) if outs else x_RD
-
-
-def _grouped_experts(experts: nn.ModuleList, x_RD: Tensor, counts: Tensor | list[int]) -> Tensor:
-    if x_RD.shape[0] == 0:
-        return x_RD.clone()
-    counts_G = torch.as_tensor(counts, device=x_RD.device)
-    offs = counts_G.cumsum(0).to(torch.int32)
-    fc_w = torch.stack([e.c_fc.weight for e in experts])  # [G, F, D]
-    proj_w = torch.stack([e.c_proj.weight for e in experts])  # [G, D, F]
-    h_RF = torch._grouped_mm(x_RD, fc_w.transpose(1, 2), offs=offs)
-    onehot_RG = None
-    if experts[0].c_fc.bias is not None or experts[0].c_proj.bias is not None:
-        # Per-row expert bias as a GEMM with the rows' one-hot expert matrix: exact forward (one
-        # non-zero term per row), and a backward (onehot^T @ grad) that sums each expert's rows
-        # with fp32 accumulation; gathering bias[group] would sum them in bf16 atomics instead.
-        row_R1 = torch.arange(x_RD.shape[0], device=x_RD.device).unsqueeze(1)
-        onehot_RG = ((row_R1 >= offs - counts_G) & (row_R1 < offs)).to(x_RD.dtype)
-    if experts[0].c_fc.bias is not None:
-        h_RF = h_RF + onehot_RG @ torch.stack([e.c_fc.bias for e in experts])
-    h_RF = F.gelu(h_RF, approximate=experts[0].gelu_approximation)
-    y_RD = torch._grouped_mm(h_RF, proj_w.transpose(1, 2), offs=offs)
-    if experts[0].c_proj.bias is not None:
-        y_RD = y_RD + onehot_RG @ torch.stack([e.c_proj.bias for e in experts])
-    return y_RD
-
-
 class DeepSpeedGateAdapter(nn.Module):
     """Gate for DeepSpeed's `MOELayer` that returns the project's routing as DeepSpeed's 7-tuple.
 
-    `MOELayer` calls `gate(x, used_token, sparse_routes=True, use_tutel)` and expects
-    `(l_aux, capacity, num_experts, indices_KT, locations_KT, gates_KT, exp_counts)`. The routing
-    is computed by the project's router beforehand and handed over with `set_routing`; DeepSpeed's
-    own top-k gating (Gumbel noise on the second expert, random token selection) is never used.
+    `MOELayer.forward(x, used_token)` calls `gate(x, used_token, sparse_routes=True, use_tutel)`
+    and expects `(l_aux, capacity, num_experts, indices_KT, locations_KT, gates_KT, exp_counts)`.
+    `DeepSpeedDispatcher` passes the project's `RouterOutput` as that second argument, so the
+    decision travels with the call; DeepSpeed's own top-k gating (Gumbel noise on the second
+    expert, random token selection) is never used.
     """
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.ep_group = None
-        self._routing: Optional[RouterOutput] = None
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def set_routing(self, routing: RouterOutput) -> None:
-        """The decision the next forward call returns."""
-        self._routing = routing
-
-    def forward(self, x: Tensor, used_token=None, sparse_routes: bool = True,
-                use_tutel: bool = False):
-        routing, self._routing = self._routing, None
-        if routing is None:
-            raise RuntimeError("DeepSpeedGateAdapter called without a routing decision")
+    def forward(self, x: Tensor, routing: Optional[RouterOutput] = None,
+                sparse_routes: bool = True, use_tutel: bool = False):
+        if not isinstance(routing, RouterOutput):
+            raise RuntimeError("DeepSpeedGateAdapter needs the routing decision as its second "
+                               "argument")
         ids_TK = routing.ids_TK
         num_tokens, k = ids_TK.shape
         keep_TK = routing.keep_TK if routing.keep_TK is not None else torch.ones_like(
@@ -226,3 +197,41 @@ class DeepSpeedGateAdapter(nn.Module):
         l_aux = x.new_zeros((), dtype=torch.float32)
         return (l_aux, capacity, self.num_experts, indices, locations, gates,
                 routing.tokens_per_expert_E.detach())
+
+
+class _Detached:
+    """Holds a module without registering it (DeepSpeed's `MOELayer` shares the layer's
+    experts; registered, they would appear twice in the state dict)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+class DeepSpeedDispatcher(TokenDispatcher):
+    """DeepSpeed's `MOELayer` (capacity buffers, its all-to-all) over the layer's experts."""
+
+    def __init__(self, num_experts: int, expert_compute: str = "auto") -> None:
+        super().__init__(num_experts, expert_compute)
+        self._moe: Optional[_Detached] = None
+
+    def wire(self, experts: Experts, ep_group, ep_size: int) -> None:
+        from deepspeed.moe.sharded_moe import MOELayer
+
+        super().wire(experts, ep_group, ep_size)
+        moe = MOELayer(DeepSpeedGateAdapter(self.num_experts), experts, f"ep_size_{ep_size}",
+                       ep_size, self.num_local_experts)
+        moe._set_ep_group(ep_group)
+        self._moe = _Detached(moe)
+
+    def forward(self, x_TD: Tensor, routing: RouterOutput, experts: Experts) -> Tensor:
+        if self._moe is None or self._moe.module.experts is not experts:
+            raise RuntimeError("DeepSpeedDispatcher used before MoELayer.parallelize wired it")
+        return self._moe.module(x_TD, routing)
+
+    __call__ = forward
+
+
+DISPATCHERS: dict[str, type[TokenDispatcher]] = {
+    "alltoall": AllToAllDispatcher,
+    "deepspeed": DeepSpeedDispatcher,
+}

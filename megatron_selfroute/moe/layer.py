@@ -6,115 +6,112 @@ Vocabulary (shape suffixes: T tokens, D hidden, E experts, K top-k, R routed row
 - probs   `probs_TK`: combine weights of the selected experts (softmax over the selected k).
 - routing `ids_TK`: expert ids per token (+ `keep_TK` when a capacity drops routes).
 - dispatch: the dispatcher moves each routed token to its expert (`dispatcher.py`).
-- experts: each expert is a GPT-2 MLP applied to its rows.
+- experts: each expert is a GPT-2 MLP applied to its rows (`experts.py`).
 - combine: outputs are weighted by probs and summed back per token.
 
-`MoELayer.forward` = route -> dispatcher.dispatch -> experts -> dispatcher.combine.
-
-The layer subclasses DeepSpeed's `deepspeed.moe.layer.MoE`: the DeepSpeed engine recognises MoE only
-through that class, and only then reduces expert gradients over the expert-data-parallel group and
-saves experts one file per expert. It always holds a DeepSpeed `MOELayer` (`deepspeed_moe`) with
-DeepSpeed's `Experts` container, so both dispatchers share parameter names, the expert-parallel
-process group, parameter tagging (`allreduce=False`, `group_name`) and the checkpoint layout; the
-`alltoall` dispatcher uses the same experts without DeepSpeed's padded buffers.
+`MoELayer.forward` = router -> dispatcher (dispatch -> experts -> combine), the routing decision
+passed along as an argument. The layer is built for one device with every expert as a meta-device
+placeholder; `parallelize` (called by the model family's `parallelize`) keeps and allocates this
+rank's experts and wires the expert-parallel group. It is a DeepSpeed `MoE` module only through
+`EngineMoE` (`deepspeed_adapter.py`), for the engine's sake.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.distributed as dist
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE as DeepSpeedMoE
-from deepspeed.moe.sharded_moe import MOELayer
-from torch import Tensor, nn
+from torch import Tensor
 
 from megatron_selfroute.config import ModelConfig, MoEConfig
 from megatron_selfroute.models.transformer import MLP
-from megatron_selfroute.moe.dispatcher import (
-    AllToAllDispatcher,
-    DeepSpeedGateAdapter,
-    run_experts,
-)
+from megatron_selfroute.moe.context import RoutingContext
+from megatron_selfroute.moe.deepspeed_adapter import EngineMoE, ExpertSlot
+from megatron_selfroute.moe.dispatcher import DISPATCHERS
+from megatron_selfroute.moe.experts import Experts
 from megatron_selfroute.moe.router import build_router
+from megatron_selfroute.seeding import mix_seed
 
 
-class MoELayer(DeepSpeedMoE):
-    """Top-k MoE replacing a block's MLP; a DeepSpeed `MoE` module for the engine's sake."""
+class MoELayer(EngineMoE):
+    """Top-k MoE replacing a block's MLP: router + dispatcher + experts."""
 
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, layer_number: int,
-                 moe_index: int, ep_size: int = 1, seed: int = 0) -> None:
-        # DeepSpeed's MoE.__init__ builds its own TopKGate; set up the same attributes instead.
-        nn.Module.__init__(self)
-        n = moe_cfg.num_experts
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.ep_size = ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
-        self.num_experts = n
-        self.num_local_experts = n // ep_size
+                 moe_index: int, seed: int = 0) -> None:
+        super().__init__(moe_cfg.num_experts)
         self.layer_number = layer_number
         self.moe_index = moe_index
-        self.dispatcher_type = moe_cfg.moe_token_dispatcher_type
-        self.expert_compute = moe_cfg.moe_grouped_gemm
+        self.ep_rank = 0
+        # Built in this order, eagerly, so construction draws the global RNG exactly as one
+        # eagerly built router and expert always have (dropout streams follow it); the seeded
+        # `init_weights` overwrites both.
         self.router = build_router(moe_cfg, model_cfg.hidden_size, layer_number, moe_index,
                                    seed, model_cfg.init_method_std)
-        expert = MLP(model_cfg.hidden_size, moe_cfg.moe_ffn_hidden_size or model_cfg.ffn_size,
-                     bias=not model_cfg.disable_bias_linear,
-                     gelu_approximation=model_cfg.gelu_approximation)
-        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
-        self.deepspeed_moe = MOELayer(DeepSpeedGateAdapter(n), experts, self.expert_group_name,
-                                      ep_size, self.num_local_experts)
-        self.ep_group = None
-        self.ep_rank = dist.get_rank() % ep_size if dist.is_initialized() else 0
-        self.dispatcher = AllToAllDispatcher(n, self.num_local_experts, None, ep_size)
+        prototype = MLP(model_cfg.hidden_size, moe_cfg.moe_ffn_hidden_size or model_cfg.ffn_size,
+                        bias=not model_cfg.disable_bias_linear,
+                        gelu_approximation=model_cfg.gelu_approximation)
+        self.deepspeed_moe = ExpertSlot(Experts(prototype, self.num_experts,
+                                                self.expert_group_name))
+        self.dispatcher = DISPATCHERS[moe_cfg.moe_token_dispatcher_type](
+            self.num_experts, moe_cfg.moe_grouped_gemm)
         self.last_tokens_per_expert: Optional[Tensor] = None
         self.last_dropped: Optional[Tensor] = None
 
     @property
-    def local_experts(self) -> nn.ModuleList:
-        """This rank's experts (global ids ep_rank * L ... ep_rank * L + L - 1)."""
-        return self.deepspeed_moe.experts.deepspeed_experts
+    def experts(self) -> Experts:
+        """This layer's experts (all placeholders before `parallelize`)."""
+        return self.deepspeed_moe.experts
 
-    def set_expert_parallel_group(self, group) -> None:
-        """Use `group` as the expert-parallel group (the engine does this via DeepSpeed groups)."""
-        if self.ep_size > 1 and group is None:
-            raise ValueError(f"MoE layer {self.layer_number}: EP size {self.ep_size} needs a group")
-        if group is not None:
-            rank = dist.get_rank(group)
-            if rank != self.ep_rank:
-                raise RuntimeError(
-                    f"expert-parallel rank {rank} differs from the rank {self.ep_rank} the experts "
-                    "were initialised for (expert groups must be consecutive ranks)"
-                )
-        self.ep_group = group
-        self.dispatcher.ep_group = group
-        self.deepspeed_moe._set_ep_group(group)
+    @property
+    def expert_compute(self) -> str:
+        """Expert compute mode (--moe-grouped-gemm): auto, loop or grouped."""
+        return self.dispatcher.expert_compute
 
-    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the DeepSpeed engine: create DeepSpeed's expert groups and adopt ours."""
-        from deepspeed.utils import groups
+    @expert_compute.setter
+    def expert_compute(self, mode: str) -> None:
+        self.dispatcher.expert_compute = mode
 
-        if use_data_before_expert_parallel_:
-            raise ValueError("use_data_before_expert_parallel is not supported")
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(self.ep_size)
-        self.set_expert_parallel_group(groups._get_expert_parallel_group(self.expert_group_name))
+    @property
+    def local_experts(self):
+        """This rank's experts as a ModuleList (global ids first_expert ... + num_local - 1)."""
+        return self.experts.deepspeed_experts
 
-    def forward(self, hidden_states: Tensor, token_index: Optional[Tensor] = None,
-                iteration: int = 0) -> tuple[Tensor, Tensor]:
+    def parallelize(self, ep_rank: int, ep_size: int, ep_group, device: torch.device) -> None:
+        """Keep and allocate this rank's experts (uninitialised) and wire the group."""
+        if self.num_experts % ep_size:
+            raise ValueError(f"MoE layer {self.layer_number}: {self.num_experts} experts do not "
+                             f"split over expert-parallel size {ep_size}")
+        if ep_size > 1 and (ep_group is None or dist.get_rank(ep_group) != ep_rank):
+            raise RuntimeError(f"MoE layer {self.layer_number}: expert-parallel rank {ep_rank} "
+                               "does not match its group (groups must come from the layout)")
+        self.set_expert_parallel_size(ep_size)
+        self.ep_rank = ep_rank
+        n = self.num_local_experts
+        self.experts.materialize(range(ep_rank * n, (ep_rank + 1) * n), self.expert_group_name,
+                                 device)
+        self.dispatcher.wire(self.experts, ep_group, ep_size)
+
+    def reset_experts(self, seed: int, std: float) -> None:
+        """N(0, std) weights and zero biases for this rank's experts, drawn from
+        (seed, layer, global expert id): for a layer used on its own (benchmarks, tests); models
+        initialise through their `init_weights`."""
+        with torch.no_grad():
+            for local, expert in enumerate(self.local_experts):
+                gen = torch.Generator().manual_seed(
+                    mix_seed(seed, self.layer_number, self.experts.global_id(local)))
+                for name, p in expert.named_parameters():
+                    if name.endswith("bias"):
+                        p.zero_()
+                    else:
+                        p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(self, hidden_states: Tensor, ctx: Optional[RoutingContext] = None
+                ) -> tuple[Tensor, Tensor]:
         """[..., D] -> ([..., D] output, fp32 router loss (aux + z))."""
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
-        tok_T = token_index.reshape(-1) if token_index is not None else None
-        routing = self.router(x_TD, tok_T, iteration)
+        routing = self.router(x_TD, (ctx or RoutingContext()).flat())
         self.last_tokens_per_expert = routing.tokens_per_expert_E.detach()
         self.last_dropped = routing.dropped.detach()
-        if self.dispatcher_type == "deepspeed":
-            self.deepspeed_moe.gate.set_routing(routing)
-            y_TD = self.deepspeed_moe(x_TD, None)
-        else:
-            rows_RD, counts, state = self.dispatcher.dispatch(x_TD, routing)
-            out_RD = run_experts(self.local_experts, rows_RD, counts, self.expert_compute)
-            y_TD = self.dispatcher.combine(out_RD, state)
+        y_TD = self.dispatcher(x_TD, routing, self.experts)
         return y_TD.view(shape), routing.aux_loss + routing.z_loss
-

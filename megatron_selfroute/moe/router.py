@@ -17,19 +17,27 @@ auxiliary loss and z-loss.
 Self-routing reads the post-LayerNorm hidden state, so the LayerNorm gain (and bias) on the N
 routing coordinates act as a learned per-expert temperature (and bias) of the logits.
 
-Adding a router = one subclass overriding `logits` + one entry in `ROUTERS`.
+A router class owns its facts: the options it owns (`options`) and its other validation rules
+(`check`), its learned-parameter count and FLOPs (`learned_parameters`, `flops_per_token`), the
+config fields a checkpoint must match on resume (`checkpoint_fields`), and its Hugging Face export
+(`hf_kind`, `hf_export_state`). Per-forward inputs (token positions, token ids, iteration) arrive
+in one `RoutingContext`. Adding a router = one subclass decorated with `@register_router(name)`;
+flags, validation, FLOP counts, checkpoints, converters and tests read the registry `ROUTERS`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_selfroute.config import MoEConfig
+from megatron_selfroute.config import Config, ConfigError, MoEConfig
+from megatron_selfroute.moe.context import RoutingContext
+from megatron_selfroute.seeding import hash_uniform, mix_seed
 
 
 def count_per_expert(ids: Tensor, num_experts: int) -> Tensor:
@@ -57,8 +65,45 @@ class RouterOutput:
     z_loss: Tensor  # fp32 scalar (already multiplied by its coefficient)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 class Router(nn.Module):
-    """Base router: top-k, weights, capacity, counting and losses; subclasses make logits."""
+    """Base router: top-k, weights, capacity, counting and losses; subclasses make logits.
+
+    Class-level facts a subclass may override (read by validation, FLOP counts, checkpoints and
+    the Hugging Face export without instantiating anything):
+    """
+
+    name: ClassVar[str] = ""
+    # MoEConfig fields only this router reads; any other router rejects non-default values.
+    options: ClassVar[tuple[str, ...]] = ()
+    # MoEConfig fields that change the model a checkpoint holds (checked on resume).
+    checkpoint_fields: ClassVar[tuple[str, ...]] = ()
+    # False when the selected logits carry no gradient anyway (k = 1 needs no pre-softmax).
+    trainable_scores: ClassVar[bool] = True
+    # The router kind of the Hugging Face remote-code model, or None (not exportable).
+    hf_kind: ClassVar[Optional[str]] = None
+    hf_refusal: ClassVar[str] = "has no Hugging Face form"
+
+    @classmethod
+    def check(cls, cfg: Config, num_moe_layers: int) -> None:
+        """Rules of this router beyond the shared ones; raise ConfigError naming the flags."""
+
+    @classmethod
+    def learned_parameters(cls, hidden_size: int, num_experts: int) -> int:
+        """Trainable parameters of one layer's router."""
+        return 0
+
+    @classmethod
+    def flops_per_token(cls, hidden_size: int, num_experts: int) -> float:
+        """Forward matmul FLOPs per token of one layer's router."""
+        return 0.0
+
+    def hf_export_state(self) -> dict:
+        """Per-layer facts the Hugging Face remote-code model needs besides the state dict."""
+        return {}
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
                  seed: int = 0, init_std: float = 0.02) -> None:
@@ -75,14 +120,12 @@ class Router(nn.Module):
         self.moe_index = moe_index
         self.seed = seed
 
-    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
-               iteration: int = 0) -> Tensor:
-        """fp32 logits [T, E]: the only hook a router type overrides."""
+    def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
+        """fp32 logits [T, E]: the only hook a router type overrides (`ctx` holds [T] tensors)."""
         raise NotImplementedError
 
-    def forward(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
-                iteration: int = 0) -> RouterOutput:
-        logits_TE = self.logits(x_TD, token_index_T, iteration)
+    def forward(self, x_TD: Tensor, ctx: Optional[RoutingContext] = None) -> RouterOutput:
+        logits_TE = self.logits(x_TD, ctx or RoutingContext())
         return self.route(logits_TE)
 
     def route(self, logits_TE: Tensor) -> RouterOutput:
@@ -135,8 +178,43 @@ class Router(nn.Module):
         return keep.view(num_tokens, k)
 
 
+_REGISTRY: dict[str, type[Router]] = {}
+ROUTERS = _REGISTRY
+"""--router-type name -> Router subclass (filled by `register_router`)."""
+
+
+def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
+    """Class decorator: make `cls` the router of `--router-type name`."""
+    def register(cls: type[Router]) -> type[Router]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"router type {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return register
+
+
+@register_router("self")
 class SelfRouter(Router):
     """Zero-parameter router: logits are N designated coordinates of the hidden state."""
+
+    options = ("self_route_dims",)
+    checkpoint_fields = ("self_route_dims",)
+    hf_kind = "self"
+
+    @classmethod
+    def check(cls, cfg: Config, num_moe_layers: int) -> None:
+        n, h = cfg.moe.num_experts, cfg.model.hidden_size
+        if n > h:
+            raise ConfigError(f"--router-type self needs --num-experts {n} <= --hidden-size "
+                              f"{h} (logits are hidden coordinates)")
+        if cfg.moe.self_route_dims == "per-layer" and n * num_moe_layers > h:
+            raise ConfigError(
+                f"--self-route-dims per-layer needs --num-experts {n} x {num_moe_layers} MoE "
+                f"layers = {n * num_moe_layers} <= --hidden-size {h}")
+
+    def hf_export_state(self) -> dict:
+        return {"self_route_start": self.dims.start}
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
                  seed: int = 0, init_std: float = 0.02) -> None:
@@ -153,13 +231,23 @@ class SelfRouter(Router):
                              f"size {h}")
         self.dims = slice(start, start + n)
 
-    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
-               iteration: int = 0) -> Tensor:
+    def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         return x_TD[..., self.dims].float()
 
 
+@register_router("learned")
 class LearnedRouter(Router):
     """Learned linear router W in R^{D x E} (no bias), computed in fp32."""
+
+    hf_kind = "learned"
+
+    @classmethod
+    def learned_parameters(cls, hidden_size: int, num_experts: int) -> int:
+        return hidden_size * num_experts
+
+    @classmethod
+    def flops_per_token(cls, hidden_size: int, num_experts: int) -> float:
+        return 2.0 * hidden_size * num_experts
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
                  seed: int = 0, init_std: float = 0.02) -> None:
@@ -167,11 +255,11 @@ class LearnedRouter(Router):
         self.weight = nn.Parameter(torch.empty(self.num_experts, hidden_size))
         nn.init.normal_(self.weight, mean=0.0, std=init_std)
 
-    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
-               iteration: int = 0) -> Tensor:
+    def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         return F.linear(x_TD.float(), self.weight.float())
 
 
+@register_router("fixed-random")
 class FixedRandomRouter(Router):
     """Frozen random projection R (same distribution as the learned router's initial weight).
 
@@ -179,6 +267,14 @@ class FixedRandomRouter(Router):
     `fixed_random_shared` — so it is identical on every rank, never trained, and carried by every
     checkpoint (the checkpoint's copy is authoritative over regeneration).
     """
+
+    options = ("fixed_random_shared",)
+    checkpoint_fields = ("fixed_random_shared",)
+    hf_kind = "fixed-random"
+
+    @classmethod
+    def flops_per_token(cls, hidden_size: int, num_experts: int) -> float:
+        return 2.0 * hidden_size * num_experts
 
     def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
                  seed: int = 0, init_std: float = 0.02) -> None:
@@ -196,43 +292,11 @@ class FixedRandomRouter(Router):
         self.proj = proj.to(device=self.proj.device)
         return self
 
-    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
-               iteration: int = 0) -> Tensor:
+    def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         return F.linear(x_TD.float(), self.proj)
 
 
-_M64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps; Python ints, exact)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _M64)) & _M64
-        h = (h * 0xBF58476D1CE4E5B9) & _M64
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
-
-
-def _to_signed(v: int) -> int:
-    v &= _M64
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _srl(x: Tensor, n: int) -> Tensor:
-    """Logical right shift of int64 tensors holding uint64 bit patterns."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def hash_uniform(key: int, counters: Tensor) -> Tensor:
-    """Counter-based uniform (0, 1) values: splitmix64 finaliser of key + counter, 53 bits."""
-    x = counters.to(torch.int64) * _to_signed(0x9E3779B97F4A7C15) + _to_signed(key)
-    x = (x ^ _srl(x, 30)) * _to_signed(0xBF58476D1CE4E5B9)
-    x = (x ^ _srl(x, 27)) * _to_signed(0x94D049BB133111EB)
-    x = x ^ _srl(x, 31)
-    return (_srl(x, 11).to(torch.float64) + 0.5) / float(1 << 53)
-
-
+@register_router("random")
 class RandomRouter(Router):
     """Content-independent random logits: a pure function of (seed, layer, iteration, token).
 
@@ -241,12 +305,17 @@ class RandomRouter(Router):
     depend on the parallel layout, activation recompute replays them, and resume is exact.
     """
 
-    def logits(self, x_TD: Tensor, token_index_T: Optional[Tensor] = None,
-               iteration: int = 0) -> Tensor:
+    trainable_scores = False
+    hf_refusal = ("cannot be exported to Hugging Face (its logits hash the token's position in "
+                  "the batch, not the text); evaluate the consolidated checkpoint with "
+                  "tools/eval_lm.py instead")
+
+    def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         num_tokens, n = x_TD.shape[0], self.num_experts
+        token_index_T = ctx.token_index
         if token_index_T is None:
             token_index_T = torch.arange(num_tokens, device=x_TD.device)
-        key = mix_seed(self.seed, 0xA11CE, self.layer_number, iteration)
+        key = mix_seed(self.seed, 0xA11CE, self.layer_number, ctx.iteration)
         base = token_index_T.to(torch.int64).view(-1, 1) * (2 * n)
         cols = torch.arange(n, device=x_TD.device, dtype=torch.int64).view(1, -1)
         u1 = hash_uniform(key, base + 2 * cols)
@@ -255,12 +324,28 @@ class RandomRouter(Router):
         return z.float()
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "self": SelfRouter,
-    "learned": LearnedRouter,
-    "fixed-random": FixedRandomRouter,
-    "random": RandomRouter,
-}
+def validate_router(cfg: Config, num_moe_layers: int) -> None:
+    """The router rules of `cfg`: a registered type, no other router's options, the shared
+    top-1 rule, then the router's own `check`."""
+    moe = cfg.moe
+    cls = ROUTERS.get(moe.router_type)
+    if cls is None:
+        raise ConfigError(f"--router-type {moe.router_type!r} is unknown; choose one of "
+                          f"{', '.join(ROUTERS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    for other in ROUTERS.values():
+        for opt in other.options:
+            value = getattr(moe, opt)
+            if opt not in cls.options and value != defaults[opt]:
+                shown = "" if isinstance(value, bool) else f" {value}"
+                raise ConfigError(f"{_flag(opt)}{shown} applies only to --router-type "
+                                  f"{other.name}, not {cls.name}")
+    if moe.moe_router_topk == 1 and not moe.moe_router_pre_softmax and cls.trainable_scores:
+        raise ConfigError(
+            f"--moe-router-topk 1 with --router-type {moe.router_type} needs "
+            "--moe-router-pre-softmax (softmax over one selected logit is always 1: no router "
+            "gradient)")
+    cls.check(cfg, num_moe_layers)
 
 
 def build_router(cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,

@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_selfroute.arguments import ConfigError
-from megatron_selfroute.config import Config
+from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.parallel.groups import all_reduce_small
+from megatron_selfroute.parallel.layout import ParallelLayout
 
 # DeepSpeed JSON key path -> (config section, field, flag)
 _DS_KEYS = {
@@ -82,17 +82,17 @@ def _walk(d: dict, prefix: tuple = ()):
             yield prefix + (k,), v
 
 
-def deepspeed_config(cfg: Config, world_size: int, extra: Optional[dict] = None) -> dict:
+def deepspeed_config(cfg: Config, layout: ParallelLayout, extra: Optional[dict] = None) -> dict:
     """The engine config generated from the flags (plus pass-through keys of a user JSON)."""
     tr = cfg.train
-    accum = gradient_accumulation_steps(cfg, world_size)
+    accum = gradient_accumulation_steps(cfg, layout.dp)
     zero = dict((extra or {}).get("zero_optimization", {}))
     zero["stage"] = cfg.parallel.zero_stage
     ds: dict[str, Any] = dict(extra or {})
     ds.update({
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": tr.micro_batch_size * accum * world_size,
+        "train_batch_size": tr.micro_batch_size * accum * layout.dp,
         # ZeRO-0 fp32 clipping is done exactly by clip_gradients_stage0 (DeepSpeed's averages
         # per-rank norms, which differ across expert-parallel ranks).
         "gradient_clipping": 0.0 if _own_clipping(cfg) else tr.clip_grad,
@@ -110,7 +110,8 @@ def _own_clipping(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 0 and not (cfg.train.bf16 or cfg.train.fp16)
 
 
-def clip_gradients_stage0(model: torch.nn.Module, max_norm: float) -> float:
+def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
+                          layout: ParallelLayout) -> float:
     """Exact global gradient norm (dense once, experts summed over the expert-parallel group)
     and in-place clipping, for ZeRO stage 0 after gradients were all-reduced.
 
@@ -119,21 +120,20 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float) -> float:
     squared partition norms over all data-parallel ranks, which is exact, and are left alone.
     """
     from deepspeed.moe.utils import is_moe_param
-    from deepspeed.utils import groups
 
     params = [p for p in model.parameters() if p.grad is not None]
     # Sums stay on the gradients' device: one host read (the norm) per step, not one per tensor.
     dense = torch.zeros((), dtype=torch.float64,
                         device=params[0].grad.device if params else "cpu")
-    expert: dict[str, torch.Tensor] = {}
+    expert = None
     for p in params:
         sq = p.grad.detach().double().square().sum()
         if is_moe_param(p):
-            expert[p.group_name] = expert.get(p.group_name, 0) + sq
+            expert = sq if expert is None else expert + sq
         else:
             dense += sq
-    for name, sq in expert.items():
-        dense += all_reduce_small(sq, group=groups._get_expert_parallel_group(name))
+    if expert is not None:  # each expert once: summed over the expert-parallel group
+        dense += all_reduce_small(expert, group=layout.ep_group)
     norm = dense.sqrt().item()
     if max_norm > 0 and norm > max_norm:
         coeff = max_norm / (norm + 1e-6)
@@ -142,12 +142,12 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float) -> float:
     return norm
 
 
-def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:
     """global batch / (micro batch x data-parallel size); 1 when no global batch is given."""
     tr = cfg.train
     if tr.global_batch_size is None:
         return 1
-    return tr.global_batch_size // (tr.micro_batch_size * world_size)
+    return tr.global_batch_size // (tr.micro_batch_size * dp_size)
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -165,9 +165,11 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int,
+def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
                  extra_ds: Optional[dict] = None):
-    """deepspeed.initialize with torch's fused AdamW (not DeepSpeed's JIT-built FusedAdam)."""
+    """deepspeed.initialize with torch's fused AdamW (not DeepSpeed's JIT-built FusedAdam) and
+    the layout as its model-parallel unit (`mpu`): ZeRO partitions and dense gradients follow
+    the layout's data-parallel group, expert gradients its expert-data groups."""
     import deepspeed
 
     tr = cfg.train
@@ -176,8 +178,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int,
     opt = torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2),
                             eps=tr.adam_eps, weight_decay=tr.weight_decay, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                           config=deepspeed_config(cfg, world_size, extra_ds),
-                                           dist_init_required=False)
+                                           config=deepspeed_config(cfg, layout, extra_ds),
+                                           mpu=layout, dist_init_required=False)
     engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
     engine.own_clipping = _own_clipping(cfg)
     return engine

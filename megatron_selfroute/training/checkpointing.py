@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_selfroute.config import Config
 from megatron_selfroute.parallel.engine import CheckpointLoadError
+from megatron_selfroute.parallel.layout import ParallelLayout
 
 POINTER = "latest_checkpointed_iteration.txt"
 
@@ -36,8 +37,7 @@ _MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
                "vocab_size", "make_vocab_size_divisible_by", "disable_bias_linear",
                "disable_bias_layernorm", "untie_embeddings_and_output_weights",
                "max_position_embeddings")
-_MOE_KEYS = ("num_experts", "router_type", "moe_ffn_hidden_size", "moe_layer_freq",
-             "self_route_dims", "fixed_random_shared")
+_MOE_KEYS = ("num_experts", "router_type", "moe_ffn_hidden_size", "moe_layer_freq")
 
 
 class CheckpointError(RuntimeError):
@@ -100,9 +100,9 @@ def _fsync_dir(path: str) -> None:
 
 
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
-                    shape_config: Optional[dict] = None) -> str:
+                    layout: ParallelLayout, shape_config: Optional[dict] = None) -> str:
     """Save atomically; returns the final directory. Called by every rank."""
-    rank = dist.get_rank()
+    rank = layout.rank
     final = tag_for(state.iteration)
     tmp = final + ".tmp"
     tmp_path = os.path.join(save_dir, tmp)
@@ -117,7 +117,8 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
         run_state = {"iteration": state.iteration,
                      "consumed_train_samples": state.consumed_train_samples,
                      "skipped_steps": state.skipped_steps,
-                     "world_size": dist.get_world_size(), "config": cfg.to_dict(),
+                     "world_size": layout.world_size, "layout": layout.describe(),
+                     "config": cfg.to_dict(),
                      "shape_config": shape_config or {}}
         with open(os.path.join(tmp_path, "run_state.json"), "w") as f:
             json.dump(run_state, f, indent=1)
@@ -143,7 +144,10 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
 
 def check_compatible(saved: dict, cfg: Config, path: str) -> None:
     """Refuse a checkpoint of another model shape or router type, naming the field."""
-    for sec, keys in (("model", _MODEL_KEYS), ("moe", _MOE_KEYS)):
+    from megatron_selfroute.moe.router import ROUTERS
+
+    router_keys = tuple(dict.fromkeys(f for r in ROUTERS.values() for f in r.checkpoint_fields))
+    for sec, keys in (("model", _MODEL_KEYS), ("moe", _MOE_KEYS + router_keys)):
         for key in keys:
             old = saved.get(sec, {}).get(key)
             new = getattr(getattr(cfg, sec), key)
@@ -159,7 +163,7 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
             "tools/checkpoint/convert.py")
 
 
-def load_checkpoint(engine, load_dir: str, cfg: Config,
+def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
                     shape_config: Optional[dict] = None) -> Optional[ResumeState]:
     """Restore model, optimizer, RNG and position; None when `load_dir` holds no checkpoint."""
     tag = read_pointer(load_dir)
@@ -180,7 +184,7 @@ def load_checkpoint(engine, load_dir: str, cfg: Config,
             raise CheckpointError(f"{path} was trained with {flag} {old}, this run has "
                                   f"{flag} {new}")
     tr = cfg.train
-    world = dist.get_world_size()
+    world = layout.world_size
     module_only = tr.finetune or tr.no_load_optim
     if run_state["world_size"] != world and not module_only:
         raise CheckpointError(f"{path} was saved by {run_state['world_size']} processes, this run "
@@ -201,7 +205,7 @@ def load_checkpoint(engine, load_dir: str, cfg: Config,
     if tr.finetune:
         return ResumeState(0, 0)
     if not tr.no_load_rng:
-        rng_file = os.path.join(path, f"rng_state_rank{dist.get_rank()}.pt")
+        rng_file = os.path.join(path, f"rng_state_rank{layout.rank}.pt")
         if not os.path.isfile(rng_file):
             raise CheckpointError(f"{rng_file} is missing (use --no-load-rng to skip)")
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -19,8 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_selfroute.arguments import ConfigError, validate
-from megatron_selfroute.config import Config
+from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
 from megatron_selfroute.parallel.engine import (
     CheckpointLoadError,
@@ -28,7 +27,8 @@ from megatron_selfroute.parallel.engine import (
     clip_gradients_stage0,
     gradient_accumulation_steps,
 )
-from megatron_selfroute.parallel.groups import all_reduce_small, init_distributed, shutdown
+from megatron_selfroute.parallel.groups import all_reduce_small, shutdown
+from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
 from megatron_selfroute.training import checkpointing
 from megatron_selfroute.training.faults import (
     TrainingError,
@@ -52,7 +52,10 @@ from megatron_selfroute.training.schedules import learning_rate
 class Task:
     """What a pretraining script provides."""
 
-    build_model: Callable[[Config, int], torch.nn.Module]
+    # The single-device model; expert weights may stay on the meta device until `parallelize`.
+    build_model: Callable[[Config], torch.nn.Module]
+    # Applies the layout: keeps this rank's experts, wires the groups, initialises the weights.
+    parallelize: Callable[[torch.nn.Module, ParallelLayout], torch.nn.Module]
     build_datasets: Callable[[Config, list[int]], tuple]
     forward_step: Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     collate: Callable[[list], dict]
@@ -60,9 +63,9 @@ class Task:
     tokens_per_sample: Callable[[Config], int]
     # Name of the main loss among forward_step's metrics (the others are averaged and logged).
     loss_name: str = "lm loss"
-    # (cfg, dataset, consumed_samples, total_samples) -> iterable of batches; default: the
-    # Megatron sequential order of data/samplers.py.
-    make_train_loader: Optional[Callable[[Config, Any, int, int], Any]] = None
+    # (cfg, dataset, consumed_samples, total_samples, layout) -> iterable of batches; default:
+    # the Megatron sequential order of data/samplers.py over the data-parallel ranks.
+    make_train_loader: Optional[Callable[[Config, Any, int, int, ParallelLayout], Any]] = None
     # Called after every optimizer step with (engine, iteration), e.g. for a model EMA.
     after_step: Optional[Callable[[Any, int], None]] = None
     report_perplexity: bool = True
@@ -117,9 +120,10 @@ def _check_writable(path: Optional[str], flag: str) -> None:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror})") from None
 
 
-def _batches(dataset, cfg: Config, consumed: int, total: int, collate) -> Any:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sampler = PretrainingSampler(total, consumed, cfg.train.micro_batch_size, rank, world)
+def _batches(dataset, cfg: Config, consumed: int, total: int, collate,
+             layout: ParallelLayout) -> Any:
+    sampler = PretrainingSampler(total, consumed, cfg.train.micro_batch_size, layout.dp_rank,
+                                 layout.dp)
     # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
     # resumed run would diverge from an uninterrupted one.
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -136,17 +140,18 @@ def _to_device(task: Task, engine, batch: dict) -> dict:
             for k, v in batch.items()}
 
 
-def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[dict, Any]:
+def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int,
+             layout: ParallelLayout) -> tuple[dict, Any]:
     """Every forward_step metric averaged over --eval-iters micro-batches of `dataset` (from its
     start, on all ranks), and the routing statistics."""
     engine.eval()
     acc = RoutingAccumulator()
     sums: dict[str, float] = {}
     n = 0
-    world = dist.get_world_size()
-    needed = cfg.train.eval_iters * cfg.train.micro_batch_size * world
-    needed -= needed % (cfg.train.micro_batch_size * world)
-    loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate)
+    per_step = cfg.train.micro_batch_size * layout.dp
+    needed = cfg.train.eval_iters * per_step
+    needed -= needed % per_step
+    loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate, layout)
     with torch.no_grad():
         for batch in loader:
             _, metrics = task.forward_step(engine, _to_device(task, engine, batch), iteration)
@@ -158,23 +163,28 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int) -> tuple[
                 acc.add(*model.routing_counts())
     engine.train()
     names = sorted(sums)
-    stats = all_reduce_small(torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64))
+    stats = all_reduce_small(torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64),
+                             group=layout.dp_group)
     count = max(stats[-1].item(), 1)
-    return {k: stats[i].item() / count for i, k in enumerate(names)}, acc.reduce_and_reset()
+    return ({k: stats[i].item() / count for i, k in enumerate(names)},
+            acc.reduce_and_reset(layout.dp_group))
 
 
-def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunResult:
-    """Train per `cfg`; returns the per-iteration losses. Every rank calls it."""
+def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
+             extra_ds: Optional[dict] = None) -> RunResult:
+    """Train per `cfg` on `layout` (default: the launcher's world); returns the per-iteration
+    losses. Every rank calls it."""
     init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    validate(cfg, world)
+    layout = (layout or ParallelLayout.from_config(cfg)).build_groups()
+    layout.validate(cfg)
+    rank = layout.rank
     tr = cfg.train
     if tr.fp16 and not torch.cuda.is_available():
         raise ConfigError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use "
                           "--bf16")
     if tr.global_batch_size is None:
-        tr.global_batch_size = tr.micro_batch_size * world
-    accum = gradient_accumulation_steps(cfg, world)
+        tr.global_batch_size = tr.micro_batch_size * layout.dp
+    accum = gradient_accumulation_steps(cfg, layout.dp)
     if tr.train_iters is None:
         if tr.train_samples is None:
             raise ConfigError("one of --train-iters or --train-samples is required")
@@ -188,18 +198,18 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
-    ep = cfg.parallel.expert_model_parallel_size
-    model = task.build_model(cfg, ep)
+    model = task.parallelize(task.build_model(cfg), layout)
+    print_rank0(f"> parallel layout: {layout}")
     pattern = getattr(model, "pattern", None)
     if pattern is not None and any(pattern):
         print_rank0(f"> MoE layers at blocks {[i for i, v in enumerate(pattern) if v]} "
                     f"({cfg.moe.num_experts or 0} experts, top-{cfg.moe.moe_router_topk}, "
-                    f"router {cfg.moe.router_type}, EP={ep}, dispatcher "
+                    f"router {cfg.moe.router_type}, EP={layout.ep}, dispatcher "
                     f"{cfg.moe.moe_token_dispatcher_type})")
-    engine = build_engine(model, cfg, world, extra_ds)
+    engine = build_engine(model, cfg, layout, extra_ds)
     state = checkpointing.ResumeState()
     if tr.load:
-        loaded = checkpointing.load_checkpoint(engine, tr.load, cfg, task.shape_config)
+        loaded = checkpointing.load_checkpoint(engine, tr.load, cfg, layout, task.shape_config)
         if loaded is None:
             print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
         else:
@@ -219,8 +229,9 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         raise ConfigError(f"--split {cfg.data.split} leaves no training data in --data-path "
                           f"{' '.join(cfg.data.data_path)}")
     make_loader = task.make_train_loader or (
-        lambda c, ds, consumed, total: _batches(ds, c, consumed, total, task.collate))
-    loader = iter(make_loader(cfg, train_ds, state.consumed_train_samples, tr.train_iters * gbs))
+        lambda c, ds, consumed, total, lay: _batches(ds, c, consumed, total, task.collate, lay))
+    loader = iter(make_loader(cfg, train_ds, state.consumed_train_samples, tr.train_iters * gbs,
+                              layout))
     logger = MetricsLogger(tr.tensorboard_dir, cfg.to_dict(), tr.wandb_project)
     if tr.exit_signal_handler:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -266,7 +277,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
                 routing.add(*engine.module.routing_counts())
             if micro == accum - 1 and engine.own_clipping and not skip_step:
                 with timers("grad-clip", 2):
-                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad)
+                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, layout)
                 if not math.isfinite(own_norm):
                     skip_step = skip_or_stop(state, tr, it + 1, "gradient norm",
                                               last_saved or tr.load)
@@ -286,7 +297,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
         state.iteration += 1
         state.consumed_train_samples += gbs
         iters_this_run += 1
-        lm_loss, aux_loss = _dp_mean(torch.stack([lm_sum, aux_sum]) / accum)
+        lm_loss, aux_loss = _dp_mean(torch.stack([lm_sum, aux_sum]) / accum, layout)
         result.iteration = state.iteration
         if skip_step:
             result.losses[state.iteration] = float("nan")
@@ -303,7 +314,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             per_iter = elapsed / n_logged
             grad_norm = own_norm if engine.own_clipping else engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            tflops = flops_per_iter / per_iter / 1e12 / world
+            tflops = flops_per_iter / per_iter / 1e12 / layout.world_size
             metrics_out = {task.loss_name: interval["lm"] / n_logged,
                            "aux loss": interval["aux"] / n_logged, "learning-rate": lr,
                            "skipped-steps": float(state.skipped_steps),
@@ -313,7 +324,7 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             if peak:
                 metrics_out["mfu"] = tflops / peak
             logger.scalars("train", metrics_out, state.iteration)
-            rstats = routing.reduce_and_reset()
+            rstats = routing.reduce_and_reset(layout.dp_group)
             logger.routing("train", rstats, state.iteration)
             eta = per_iter * (tr.train_iters - state.iteration)
             line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "
@@ -338,12 +349,12 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
                     f"{k} {v:.1f}" for k, v in timing.items()))
             interval = {"lm": 0.0, "aux": 0.0, "n": 0}
         if valid_ds is not None and state.iteration % tr.eval_interval == 0:
-            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result)
+            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result, layout)
         reason = _exit_reason(cfg, state.iteration, start_time)
         saving = tr.save and (reason or (tr.save_interval and
                                          state.iteration % tr.save_interval == 0))
         if saving:
-            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state,
+            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state, layout,
                                                        task.shape_config)
             print_rank0(f"> saved checkpoint {last_saved}")
         if reason:
@@ -352,10 +363,10 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
             break
     else:
         if valid_ds is not None and state.iteration % tr.eval_interval != 0 and iters_this_run:
-            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result)
+            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result, layout)
         final_tag = checkpointing.tag_for(state.iteration)
         if tr.save and iters_this_run and not (last_saved or "").endswith(final_tag):
-            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state,
+            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state, layout,
                                                        task.shape_config)
             print_rank0(f"> saved checkpoint {last_saved}")
     if profiler is not None:
@@ -364,8 +375,8 @@ def pretrain(cfg: Config, task: Task, extra_ds: Optional[dict] = None) -> RunRes
     return result
 
 
-def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result) -> None:
-    metrics, rstats = evaluate(engine, task, valid_ds, cfg, iteration)
+def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result, layout) -> None:
+    metrics, rstats = evaluate(engine, task, valid_ds, cfg, iteration, layout)
     loss = metrics[task.loss_name]
     result.valid_losses[iteration] = loss
     if task.report_perplexity:
@@ -382,8 +393,8 @@ def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result) -> None:
     print_rank0(line)
 
 
-def _dp_mean(values: torch.Tensor) -> list[float]:
-    return (all_reduce_small(values) / dist.get_world_size()).tolist()
+def _dp_mean(values: torch.Tensor, layout: ParallelLayout) -> list[float]:
+    return (all_reduce_small(values, group=layout.dp_group) / layout.dp).tolist()
 
 
 def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str]:

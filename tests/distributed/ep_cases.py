@@ -12,15 +12,15 @@ its own, differently sized batch. Checked on every rank:
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 import torch.distributed as dist
 
 from megatron_selfroute.config import Config
-from megatron_selfroute.models.gpt import GPTModel
+from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
+from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
-from megatron_selfroute.parallel.groups import expert_parallel_group
+from megatron_selfroute.parallel.layout import ParallelLayout, launch_world_size
 
 D, FFN, E = 16, 24, 4
 ROUTERS = ["self", "learned", "fixed-random", "random"]
@@ -47,10 +47,22 @@ def _inputs(rank, variant):
     return x, tok, weight
 
 
+_LAYOUTS: dict[int, ParallelLayout] = {}
+
+
+def _layout(ep: int) -> ParallelLayout:
+    """This group's layout with expert-parallel size `ep` (groups built once per size)."""
+    if ep not in _LAYOUTS:
+        cfg = _cfg("self", "alltoall")
+        cfg.parallel.expert_model_parallel_size = ep
+        _LAYOUTS[ep] = ParallelLayout.from_config(cfg).build_groups()
+    return _LAYOUTS[ep]
+
+
 def _run(layer, x, tok, weight):
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
-    y, _ = layer(x, tok, 0)
+    y, _ = layer(x, RoutingContext(tok, None, 0))
     (y * weight).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return y.detach(), x.grad.clone(), grads, layer.last_tokens_per_expert.clone()
@@ -60,13 +72,17 @@ def layer_case(router, dispatcher, ep, variant="plain", capacity=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = _cfg(router, dispatcher, capacity)
     torch.manual_seed(123)
-    ref = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, ep_size=1, seed=7)
+    cpu = torch.device("cpu")
+    ref = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, seed=7)
+    ref.parallelize(0, 1, None, cpu)  # one process holding every expert
+    ref.reset_experts(seed=7, std=0.1)
     with torch.no_grad():
         for p in ref.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.1)
-    layer = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, ep_size=ep, seed=7)
-    layer.set_expert_parallel_group(expert_parallel_group(ep) if ep > 1 else None)
+    layout = _layout(ep)
+    layer = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, seed=7)
+    layer.parallelize(layout.ep_rank, layout.ep, layout.ep_group, cpu)
     n_loc = E // ep
     ep_rank = rank % ep
     sd = {}
@@ -104,7 +120,7 @@ def layer_case(router, dispatcher, ep, variant="plain", capacity=None):
         err[name] = ((g - want).abs().max() / want.abs().max().clamp(min=1)).item()
     worst = max(err.values())
     assert worst < 1e-5, {k: v for k, v in err.items() if v >= 1e-5}
-    return {"max_err": worst, "sent_rows": layer.dispatcher.last_sent_rows}
+    return {"max_err": worst, "sent_rows": getattr(layer.dispatcher, "last_sent_rows", None)}
 
 
 def init_case(ep):
@@ -114,8 +130,9 @@ def init_case(ep):
     m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, 8
     m.vocab_size = 50
     cfg.moe.num_experts, cfg.moe.router_type = E, "learned"
-    full = dict(GPTModel(cfg, ep_size=1).named_parameters())
-    part = GPTModel(cfg, ep_size=ep)
+    full = dict(GPTModel(cfg).named_parameters())
+    layout = _layout(ep)
+    part = parallelize_gpt(GPTModel(cfg, init=False), layout)
     n_loc, ep_rank = E // ep, dist.get_rank() % ep
     for name, p in part.named_parameters():
         if "deepspeed_experts." in name:
@@ -146,4 +163,4 @@ def build_cases(world: int) -> dict:
     return cases
 
 
-CASES = build_cases(int(os.environ.get("WORLD_SIZE", "1")))
+CASES = build_cases(launch_world_size() or 1)

@@ -15,6 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
+from megatron_selfroute.parallel.layout import launcher_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,8 +34,7 @@ def launch_ranks(world: int, argv: list[str], log_dir: Path, script: str = "pret
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(os.environ, **launcher_env(rank, world, port), OMP_NUM_THREADS="1")
         with open(log_dir / f"rank{rank}.log", "w") as log:
             procs.append(subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, env=env,
                                           stdout=log, stderr=subprocess.STDOUT))
@@ -47,8 +48,7 @@ def spawn(world_size: int, module: str, cases: list[str], out_dir: Path, timeout
     port = free_port()
     procs = []
     for rank in range(world_size):
-        e = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        e = dict(os.environ, **launcher_env(rank, world_size, port), OMP_NUM_THREADS="1",
                  PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         e.update(env or {})
         log = open(out_dir / f"rank{rank}.log", "w")
@@ -105,11 +105,14 @@ def check(results: dict[str, list[dict]], case: str) -> list[dict]:
 def _worker(module: str, out_dir: str, cases: list[str]) -> None:
     import importlib
 
-    from megatron_selfroute.parallel.groups import init_distributed, shutdown
+    from megatron_selfroute.parallel.groups import shutdown
+    from megatron_selfroute.parallel.layout import init_distributed
 
     init_distributed("gloo", timeout_minutes=2)
     mod = importlib.import_module(module)
-    rank = int(os.environ["RANK"])
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
     results = {}
     for case in cases:
         try:

@@ -35,7 +35,9 @@ def make_layer(router="self", mode="auto", dtype=torch.bfloat16, bias=True):
     m.num_experts, m.moe_router_topk, m.router_type = E, 2, router
     m.moe_grouped_gemm = mode
     torch.manual_seed(0)
-    layer = MoELayer(cfg.model, m, layer_number=1, moe_index=0, ep_size=1, seed=0)
+    layer = MoELayer(cfg.model, m, layer_number=1, moe_index=0, seed=0)
+    layer.parallelize(0, 1, None, torch.device("cpu"))
+    layer.reset_experts(seed=0, std=0.02)
     return layer.to(DEV, dtype)
 
 
@@ -135,13 +137,11 @@ def test_experts_without_rows_get_exactly_zero_gradients(mode):
     """Row blocks [3, 0, 517, 0, 64, 0, 0, 1000]: outputs match an fp64 per-row reference, and the
     experts with no rows get all-zero weight and bias gradients (pytorch#172439 saw otherwise for
     grouped_mm on B200)."""
-    from megatron_selfroute.moe.dispatcher import run_experts
-
     layer = make_layer(router="learned", mode=mode)
     counts = [3, 0, 517, 0, 64, 0, 0, 1000]
     gen = torch.Generator(device=DEV).manual_seed(2)
     x = torch.randn(sum(counts), D, device=DEV, generator=gen).to(torch.bfloat16)
-    y = run_experts(layer.local_experts, x, torch.tensor(counts, device=DEV), mode)
+    y = layer.experts.compute(x, torch.tensor(counts, device=DEV), mode)
     blocks = torch.split(x.double(), counts)
     ref = torch.cat([expert_fp64(ex, xs) for ex, xs in zip(layer.local_experts, blocks,
                                                              strict=True)])

@@ -2,6 +2,7 @@
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.gpt import GPTModel
 from megatron_selfroute.parallel.engine import deepspeed_config, optimizer_param_groups
+from megatron_selfroute.parallel.layout import ParallelLayout
 
 
 def test_no_weight_decay_on_biases_and_norms_and_moe_groups_split():
@@ -29,9 +30,10 @@ def test_deepspeed_config_from_flags():
     cfg = Config()
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 2, 16
     cfg.parallel.zero_stage, cfg.train.bf16, cfg.train.clip_grad = 2, True, 0.5
-    ds = deepspeed_config(cfg, world_size=4, extra={"zero_optimization": {"overlap_comm": True}})
+    ds = deepspeed_config(cfg, ParallelLayout(world_size=4),
+                          extra={"zero_optimization": {"overlap_comm": True}})
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 16
     assert ds["zero_optimization"] == {"overlap_comm": True, "stage": 2}
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     cfg.parallel.zero_stage, cfg.train.bf16 = 0, False  # ZeRO-0 fp32: exact clipping is ours
-    assert deepspeed_config(cfg, world_size=4)["gradient_clipping"] == 0.0
+    assert deepspeed_config(cfg, ParallelLayout(world_size=4))["gradient_clipping"] == 0.0

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_selfroute.config import Config
+from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
 
 D, FFN, E = 16, 24, 4
@@ -21,7 +22,9 @@ def make_layer(router, dispatcher="alltoall", k=2, capacity=None, policy="probs"
     m.moe_expert_capacity_factor, m.moe_token_drop_policy = capacity, policy
     m.moe_router_pre_softmax, m.moe_token_dispatcher_type = pre_softmax, dispatcher
     torch.manual_seed(seed)
-    layer = MoELayer(cfg.model, m, layer_number=3, moe_index=0, ep_size=1, seed=seed)
+    layer = MoELayer(cfg.model, m, layer_number=3, moe_index=0, seed=seed)
+    layer.parallelize(0, 1, None, torch.device("cpu"))
+    layer.reset_experts(seed, std=0.1)
     with torch.no_grad():  # non-zero biases so they are exercised
         for p in layer.parameters():
             if p.dim() == 1:
@@ -40,7 +43,7 @@ def naive_logits(layer, x_t, t):
     if kind == "FixedRandomRouter":
         return torch.stack([torch.dot(x_t.float(), r.proj[e]) for e in range(E)])
     # random logits are content-free; their own properties are tested in test_routers.py
-    return r.logits(x_t.unsqueeze(0), torch.tensor([t]), 0)[0]
+    return r.logits(x_t.unsqueeze(0), RoutingContext(torch.tensor([t]), None, 0))[0]
 
 
 def naive_moe(layer, x_TD, k, capacity=None, policy="probs", pre_softmax=False):
@@ -193,13 +196,11 @@ def test_count_per_expert_equals_bincount():
 def test_run_experts_row_blocks_with_empty_experts(mode, as_tensor):
     """Each row block goes through its own expert, empty blocks included, whether the counts come
     as a device tensor (the dispatcher's, sync-free) or a host list: checked row by row."""
-    from megatron_selfroute.moe.dispatcher import run_experts
-
     layer = make_layer("learned")
     experts = layer.local_experts
     counts = [3, 0, 5, 0]
     x = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(8))
-    out = run_experts(experts, x, torch.tensor(counts) if as_tensor else counts, mode)
+    out = layer.experts.compute(x, torch.tensor(counts) if as_tensor else counts, mode)
     expect = []
     row = 0
     for e, c in enumerate(counts):

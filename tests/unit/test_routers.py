@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.gpt import GPTModel, num_parameters
+from megatron_selfroute.moe.context import RoutingContext
 
 
 def paper_cfg(router):
@@ -100,22 +101,26 @@ def test_fixed_random_shared_is_one_projection():
     assert all(torch.equal(p[0], q) for q in p[1:])
 
 
+def ctx(token_index, iteration):
+    return RoutingContext(token_index, None, iteration)
+
+
 def test_random_logits_pure_function():
     model = GPTModel(tiny_cfg("random"))
     r0, r1 = model.moe_layers[0].router, model.moe_layers[1].router
     x = torch.randn(10, 32)
     tok = torch.arange(100, 110)
-    a = r0.logits(x, tok, iteration=5)
-    assert torch.equal(a, r0.logits(torch.randn(10, 32), tok, iteration=5)), "content-free"
-    assert not torch.equal(a, r0.logits(x, tok, iteration=6)), "differs between iterations"
-    assert not torch.equal(a, r1.logits(x, tok, iteration=5)), "differs between layers"
+    a = r0.logits(x, ctx(tok, 5))
+    assert torch.equal(a, r0.logits(torch.randn(10, 32), ctx(tok, 5))), "content-free"
+    assert not torch.equal(a, r0.logits(x, ctx(tok, 6))), "differs between iterations"
+    assert not torch.equal(a, r1.logits(x, ctx(tok, 5))), "differs between layers"
     # a token's logits depend only on its global index, not on the batch it sits in
-    torch.testing.assert_close(r0.logits(x[3:5], tok[3:5], 5), a[3:5], rtol=0, atol=0)
+    torch.testing.assert_close(r0.logits(x[3:5], ctx(tok[3:5], 5)), a[3:5], rtol=0, atol=0)
     # other seed, other logits; roughly standard normal
     other = GPTModel(tiny_cfg("random"))
     other.moe_layers[0].router.seed = 99
-    assert not torch.equal(a, other.moe_layers[0].router.logits(x, tok, 5))
-    big = r0.logits(torch.zeros(20000, 32), torch.arange(20000), 1)
+    assert not torch.equal(a, other.moe_layers[0].router.logits(x, ctx(tok, 5)))
+    big = r0.logits(torch.zeros(20000, 32), ctx(torch.arange(20000), 1))
     assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
 
 
@@ -153,7 +158,7 @@ def test_self_logits_are_chosen_post_layernorm_coordinates():
         model(ids)
         for i, layer in enumerate(model.moe_layers):
             h = seen[i].reshape(-1, 32)
-            got = layer.router.logits(h)
+            got = layer.router.logits(h, RoutingContext())
             torch.testing.assert_close(got, h[:, lo(i):lo(i) + 4].float(), rtol=0, atol=0)
             # and routing really used them: top-2 of those coordinates
             top = torch.topk(h[:, lo(i):lo(i) + 4], 2, -1).indices
