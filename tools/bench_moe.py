@@ -33,7 +33,7 @@ from megatron_selfroute.config import Config  # noqa: E402
 from megatron_selfroute.models.transformer import MLP  # noqa: E402
 from megatron_selfroute.moe.context import RoutingContext  # noqa: E402
 from megatron_selfroute.moe.layer import MoELayer  # noqa: E402
-from megatron_selfroute.moe.router import ROUTERS  # noqa: E402
+from megatron_selfroute.moe.router import BUILTIN_ROUTERS  # noqa: E402
 from megatron_selfroute.parallel.layout import (  # noqa: E402
     ParallelLayout,
     init_distributed,
@@ -138,7 +138,7 @@ def layer_bench(args) -> dict:
             variants[f"{disp}@{target}"] = (lambda lay=layer: lay(x)[0])
             params[f"{disp}@{target}"] = list(layer.parameters())
             rows.append(("learned", disp, target, layer))
-    for router in ROUTERS:
+    for router in BUILTIN_ROUTERS:
         layer = build_layer(args, "alltoall", router)
         variants[f"alltoall@{router}"] = (lambda lay=layer: lay(x)[0])
         params[f"alltoall@{router}"] = list(layer.parameters())
@@ -254,7 +254,7 @@ def train_bench(args) -> list[dict]:
     """tokens/s of a small MoE GPT (mock data) per dispatcher and router; report only."""
     out = []
     for disp in args.dispatchers:
-        for router in ROUTERS:
+        for router in BUILTIN_ROUTERS:
             cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), "--num-layers", "4",
                    "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "256",
                    "--num-experts", "8", "--router-type", router, "--moe-token-dispatcher-type",

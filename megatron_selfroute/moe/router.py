@@ -352,3 +352,8 @@ def build_router(cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index:
                  seed: int, init_std: float) -> Router:
     """Instantiate the router named by `cfg.router_type` from the registry."""
     return ROUTERS[cfg.router_type](cfg, hidden_size, layer_number, moe_index, seed, init_std)
+
+
+BUILTIN_ROUTERS: tuple[str, ...] = tuple(ROUTERS)
+"""The router types this package defines (the registry may grow: tests and plug-ins register
+more)."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
+from megatron_selfroute.moe.router import ROUTERS
 from megatron_selfroute.parallel.engine import (
     CheckpointLoadError,
     build_engine,
@@ -202,10 +203,13 @@ def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
     print_rank0(f"> parallel layout: {layout}")
     pattern = getattr(model, "pattern", None)
     if pattern is not None and any(pattern):
+        router = ROUTERS[cfg.moe.router_type]
+        router_params = sum(pattern) * router.learned_parameters(cfg.model.hidden_size,
+                                                                 cfg.moe.num_experts)
         print_rank0(f"> MoE layers at blocks {[i for i, v in enumerate(pattern) if v]} "
                     f"({cfg.moe.num_experts or 0} experts, top-{cfg.moe.moe_router_topk}, "
-                    f"router {cfg.moe.router_type}, EP={layout.ep}, dispatcher "
-                    f"{cfg.moe.moe_token_dispatcher_type})")
+                    f"router {cfg.moe.router_type} with {router_params} learned parameters, "
+                    f"EP={layout.ep}, dispatcher {cfg.moe.moe_token_dispatcher_type})")
     engine = build_engine(model, cfg, layout, extra_ds)
     state = checkpointing.ResumeState()
     if tr.load:

@@ -20,10 +20,11 @@ from megatron_selfroute.config import Config
 from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
 from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
+from megatron_selfroute.moe.router import BUILTIN_ROUTERS
 from megatron_selfroute.parallel.layout import ParallelLayout, launch_world_size
 
 D, FFN, E = 16, 24, 4
-ROUTERS = ["self", "learned", "fixed-random", "random"]
+ROUTERS = list(BUILTIN_ROUTERS)
 
 
 def _cfg(router, dispatcher, capacity=None):
@@ -142,6 +143,38 @@ def init_case(ep):
     return {}
 
 
+def engine_case(ep: int, zero: int):
+    """DeepSpeed's engine, given the layout as its mpu, partitions and reduces over the layout's
+    own groups (the very group objects), and shutdown-style cleanup forgets the mpu."""
+    from deepspeed.utils import groups
+
+    from megatron_selfroute.parallel.engine import build_engine
+
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 4, 8
+    m.vocab_size = 50
+    cfg.moe.num_experts, cfg.moe.router_type = E, "learned"
+    cfg.parallel.expert_model_parallel_size, cfg.parallel.zero_stage = ep, zero
+    cfg.train.micro_batch_size = 1
+    layout = _layout(ep)
+    engine = build_engine(parallelize_gpt(GPTModel(cfg, init=False), layout), cfg, layout)
+    name = f"ep_size_{ep}"
+    assert engine.mpu is layout and groups.mpu is layout
+    assert groups._get_data_parallel_group() is layout.dp_group
+    assert engine.dp_world_size == layout.dp == dist.get_world_size()
+    assert groups._get_expert_parallel_group(name) is layout.ep_group
+    assert groups._get_expert_data_parallel_group(name) is layout.edp_group
+    assert sorted(groups._get_expert_data_parallel_group_ranks(name)) == sorted(
+        next(r for r in layout.edp_groups() if dist.get_rank() in r))
+    if zero:
+        opt = engine.optimizer
+        assert opt.dp_process_group is layout.dp_group
+        assert opt.model_parallel_group is layout.tp_group and opt.model_parallel_world_size == 1
+    groups.mpu = None  # the next cases run without an engine
+    return {}
+
+
 def build_cases(world: int) -> dict:
     """Case name -> callable, for a group of `world` processes."""
     cases = {}
@@ -160,6 +193,8 @@ def build_cases(world: int) -> dict:
     for ep in (2, 4):
         if world % ep == 0:
             cases[f"init/ep{ep}"] = lambda p=ep: init_case(p)
+    for zero in (0, 2):
+        cases[f"engine/ep{world}/zero{zero}"] = lambda z=zero: engine_case(world, z)
     return cases
 
 

@@ -5,9 +5,10 @@ import os
 
 import pytest
 
+from megatron_selfroute.moe.router import BUILTIN_ROUTERS
 from tests.distributed.train_cases import MOCK, real_data, run_layout
 
-ROUTERS = ["self", "learned", "fixed-random", "random"]
+ROUTERS = list(BUILTIN_ROUTERS)
 EP2 = ["--expert-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]
 
 

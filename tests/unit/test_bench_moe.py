@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_selfroute.moe.router import BUILTIN_ROUTERS
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -17,7 +19,7 @@ def test_bench_moe_small(tmp_path):
     assert "time/limit" in r.stdout
     out = json.loads((tmp_path / "b.json").read_text())
     rows = out["layer"]["rows"]
-    assert {r["router"] for r in rows} == {"self", "learned", "fixed-random", "random"}
+    assert {r["router"] for r in rows} == set(BUILTIN_ROUTERS)
     fracs = sorted(r["max_fraction"] for r in rows if r["dispatcher"] == "deepspeed")
     assert fracs[0] < 0.25 and abs(fracs[1] - 0.49) < 0.03  # 256 slots: near-uniform is noisy
     vol = {(v["dispatcher"], v["max_fraction"]): v for v in out["volume"]}

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from megatron_selfroute.config import Config
 from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
+from megatron_selfroute.moe.router import BUILTIN_ROUTERS
 
 D, FFN, E = 16, 24, 4
-ROUTERS = ["self", "learned", "fixed-random", "random"]
+ROUTERS = list(BUILTIN_ROUTERS)
 
 
 def make_layer(router, dispatcher="alltoall", k=2, capacity=None, policy="probs",

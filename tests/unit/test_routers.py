@@ -35,6 +35,33 @@ def test_paper_parameter_counts_exact():
     assert counts["learned"] - counts["self"] == 12 * 768 * 8
 
 
+def test_declared_router_facts_match_the_model():
+    """Each built-in router's declared learned-parameter count is what its model really adds,
+    and the FLOP count adds exactly its declared FLOPs (the paper's learned router: 2 x D x E)."""
+    from megatron_selfroute.models.gpt import gpt_flops_per_token
+    from megatron_selfroute.moe.router import BUILTIN_ROUTERS, ROUTERS
+
+    def build(router):
+        with torch.device("meta"):
+            return GPTModel(paper_cfg(router), init=False)
+
+    dense = paper_cfg("self")
+    dense.moe.num_experts = None
+    with torch.device("meta"):
+        base_params = num_parameters(GPTModel(dense, init=False))
+    for router in BUILTIN_ROUTERS:
+        cls = ROUTERS[router]
+        cfg = paper_cfg(router)
+        model = build(router)
+        experts = sum(p.numel() for n, p in model.named_parameters() if "deepspeed_experts" in n)
+        dense_mlps = 12 * 2 * 768 * 3072  # the dense model's MLPs, replaced by the experts
+        router_params = num_parameters(model) - base_params - experts + dense_mlps
+        assert router_params == 12 * cls.learned_parameters(768, 8), router
+        extra = gpt_flops_per_token(cfg) - gpt_flops_per_token(paper_cfg("self"))
+        assert extra == 12 * cls.flops_per_token(768, 8), router
+    assert ROUTERS["learned"].flops_per_token(768, 8) == 2 * 768 * 8
+
+
 def tiny_cfg(router, **moe):
     c = Config()
     m = c.model

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_selfroute.moe.router import BUILTIN_ROUTERS
 from megatron_selfroute.parallel.engine import safe_globals
 from tests.vision.train_cases import run_layout
 
-ROUTERS = ["self", "learned", "fixed-random", "random"]
+ROUTERS = list(BUILTIN_ROUTERS)
 # augmentation off so a 30-step run shows learning clearly
 EASY = ["--batch-size", "8", "--epochs", "5", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
         "--aa", "none", "--smoothing", "0", "--no-repeated-aug", "--drop-path", "0",
