@@ -135,6 +135,9 @@ def init_case(ep):
     layout = _layout(ep)
     part = parallelize_gpt(GPTModel(cfg, init=False), layout)
     n_loc, ep_rank = E // ep, dist.get_rank() % ep
+    for layer in part.moe_layers:  # only this rank's experts were ever allocated
+        assert len(layer.local_experts) == n_loc and layer.experts.first_expert == ep_rank * n_loc
+    assert not any(p.is_meta for p in part.parameters())
     for name, p in part.named_parameters():
         if "deepspeed_experts." in name:
             local = int(name.split("deepspeed_experts.")[1].split(".")[0])

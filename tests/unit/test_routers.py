@@ -191,3 +191,20 @@ def test_self_logits_are_chosen_post_layernorm_coordinates():
             top = torch.topk(h[:, lo(i):lo(i) + 4], 2, -1).indices
             counts = torch.bincount(top.reshape(-1), minlength=4)
             assert torch.equal(counts, layer.last_tokens_per_expert)
+
+
+def test_unparallelised_model_allocates_no_expert():
+    """GPTModel(cfg, init=False): every expert is a meta placeholder (no memory) while the dense
+    weights are real; parallelize_gpt on one process allocates and initialises all of them,
+    identically to GPTModel(cfg)."""
+    from megatron_selfroute.models.gpt import parallelize_gpt
+    from megatron_selfroute.parallel.layout import ParallelLayout
+
+    cfg = tiny_cfg("learned")
+    skeleton = GPTModel(cfg, init=False)
+    for name, p in skeleton.named_parameters():
+        assert p.is_meta == ("deepspeed_experts" in name), name
+    full = parallelize_gpt(skeleton, ParallelLayout.single(cfg))
+    ref = dict(GPTModel(cfg).named_parameters())
+    for name, p in full.named_parameters():
+        assert not p.is_meta and torch.equal(p, ref[name]), name
