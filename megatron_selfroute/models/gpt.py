@@ -15,7 +15,6 @@ expert ids — so every process count and expert-parallel layout starts from the
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -26,15 +25,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import Config
-from megatron_selfroute.models.transformer import MLP, Block, layer_norm
+from megatron_selfroute.models.common import (
+    build_blocks,
+    layout_free_names,
+    mlp_flops_per_token,
+    moe_layers,
+    routing_counts,
+)
+from megatron_selfroute.models.transformer import layer_norm
 from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
-from megatron_selfroute.moe.router import ROUTERS
 from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
 from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.seeding import mix_seed
-
-_EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
 
 
 @dataclass
@@ -55,16 +58,7 @@ class GPTModel(nn.Module):
         self.cfg = cfg
         self.vocab_size = m.vocab_size
         self.pattern = moe.layer_pattern(m.num_layers)
-        blocks = []
-        moe_index = 0
-        for i, is_moe in enumerate(self.pattern):
-            if is_moe:
-                mlp = MoELayer(m, moe, i, moe_index, cfg.train.seed)
-                moe_index += 1
-            else:
-                mlp = MLP(m.hidden_size, m.ffn_size, not m.disable_bias_linear,
-                          m.gelu_approximation)
-            blocks.append(Block(m, mlp))
+        blocks = build_blocks(cfg, causal=True)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(m.padded_vocab_size, m.hidden_size),
             wpe=nn.Embedding(m.positions, m.hidden_size),
@@ -82,19 +76,16 @@ class GPTModel(nn.Module):
     @property
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in block order."""
-        return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoELayer)]
+        return moe_layers(self)
 
     def init_weights(self, seed: int) -> None:
         """Seeded per parameter name: normal(std) weights, std/sqrt(2L) on residual outputs."""
         m = self.cfg.model
         std, out_std = m.init_method_std, m.init_method_std / math.sqrt(2 * m.num_layers)
+        names = layout_free_names(self)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                canonical = name
-                match = _EXPERT_RE.search(name)
-                if match:  # local expert id -> global expert id
-                    global_id = self._layer_of(name).experts.global_id(int(match.group(1)))
-                    canonical = _EXPERT_RE.sub(f"deepspeed_experts.{global_id}.", name)
+                canonical = names[name]
                 if name.endswith("bias"):
                     p.zero_()
                 elif ".ln_" in name or name.startswith("transformer.ln_f"):
@@ -104,10 +95,6 @@ class GPTModel(nn.Module):
                     gen = torch.Generator().manual_seed(
                         mix_seed(seed, zlib.crc32(canonical.encode())))
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
-
-    def _layer_of(self, name: str) -> MoELayer:
-        idx = int(name.split(".")[2])
-        return self.transformer.h[idx].mlp
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -138,28 +125,17 @@ class GPTModel(nn.Module):
 
     def routing_counts(self) -> tuple[Tensor, Tensor]:
         """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
-        layers = self.moe_layers
-        counts = torch.stack([lay.last_tokens_per_expert for lay in layers])
-        dropped = torch.stack([lay.last_dropped for lay in layers])
-        return counts, dropped
+        return routing_counts(self.moe_layers)
 
 
 def gpt_flops_per_token(cfg: Config) -> float:
     """Forward matmul FLOPs per token on active parameters (MoE: k experts), Megatron-style:
     2 x (QKV + attention output + MLP or k experts + router) per layer, attention scores and
     values 2 x 2 x S x D per layer, and the output layer 2 x D x V. Training = 3x forward."""
-    m, moe = cfg.model, cfg.moe
+    m = cfg.model
     d, s = m.hidden_size, m.seq_length
-    flops = 0.0
-    for is_moe in moe.layer_pattern(m.num_layers):
-        flops += 2 * (3 * d * d + d * d) + 2 * 2 * s * d
-        if is_moe:
-            ffn = moe.moe_ffn_hidden_size or m.ffn_size
-            flops += moe.moe_router_topk * 2 * 2 * d * ffn
-            flops += ROUTERS[moe.router_type].flops_per_token(d, moe.num_experts)
-        else:
-            flops += 2 * 2 * d * m.ffn_size
-    return flops + 2 * d * m.padded_vocab_size
+    attention = m.num_layers * (2 * (3 * d * d + d * d) + 2 * 2 * s * d)
+    return attention + mlp_flops_per_token(cfg) + 2 * d * m.padded_vocab_size
 
 
 def parallelize_gpt(model: GPTModel, layout: ParallelLayout, init: bool = True) -> GPTModel:

@@ -35,14 +35,14 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximation))
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention through scaled_dot_product_attention."""
+class SelfAttention(nn.Module):
+    """Multi-head attention through scaled_dot_product_attention: causal (GPT) or over all
+    tokens (ViT encoder)."""
 
-    is_causal = True  # subclasses for encoders (ViT) attend in both directions
-
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
         bias = not cfg.disable_bias_linear
+        self.is_causal = causal
         self.num_heads = cfg.num_attention_heads
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=bias)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
@@ -66,25 +66,33 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block whose MLP is dense or an MoE layer."""
+    """Pre-LayerNorm transformer block, causal (GPT) or bidirectional (ViT), whose MLP is dense
+    or an MoE layer, with optional stochastic depth on both residual branches (DeiT)."""
 
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, causal: bool = True,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
         self.ln_1 = layer_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg, causal)
         self.ln_2 = layer_norm(cfg)
         self.mlp = mlp
         self.is_moe = not isinstance(mlp, MLP)
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
+        if drop_path > 0:
+            from timm.layers import DropPath  # the [vision] extra; GPT never needs it
 
-    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor],
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
+
+    def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None,
                 ctx: Optional[Any] = None) -> tuple[Tensor, Tensor]:
         """Returns the new residual stream and this block's router losses (0 for dense);
         `ctx` is the forward's `RoutingContext`, read by an MoE layer."""
-        x_BSD = x_BSD + self.attn(self.ln_1(x_BSD), attn_mask)
+        x_BSD = x_BSD + self.drop_path(self.attn(self.ln_1(x_BSD), attn_mask))
         h_BSD = self.ln_2(x_BSD)
         if self.is_moe:
             y_BSD, aux = self.mlp(h_BSD, ctx)
         else:
             y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
-        return x_BSD + self.mlp_dropout(y_BSD), aux
+        return x_BSD + self.drop_path(self.mlp_dropout(y_BSD)), aux

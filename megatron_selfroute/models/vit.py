@@ -24,26 +24,28 @@ receives gradients; `_apply` keeps it fp32 under `.bfloat16()` (a 0.99996 EMA va
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import Config, ModelConfig
-from megatron_selfroute.models.transformer import MLP, CausalSelfAttention, layer_norm
+from megatron_selfroute.models.common import (
+    build_blocks,
+    layout_free_names,
+    mlp_flops_per_token,
+    moe_layers,
+    routing_counts,
+)
+from megatron_selfroute.models.transformer import layer_norm
 from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
-from megatron_selfroute.moe.router import ROUTERS
 from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
 from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.seeding import mix_seed
-
-_EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
 
 # DeiT presets (Touvron et al. 2021, Table 1): depth, width, heads; MLP 4x; patch 16 at 224.
 PRESETS: dict[str, dict[str, int]] = {
@@ -96,37 +98,6 @@ def trunc_normal(shape: torch.Size, std: float, gen: torch.Generator) -> Tensor:
     return u.erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-2 * std, 2 * std)
 
 
-class BidirectionalSelfAttention(CausalSelfAttention):
-    """Multi-head attention over all tokens (no mask); GPT-2 parameter names."""
-
-    is_causal = False
-
-
-class ViTBlock(nn.Module):
-    """Pre-LayerNorm block (bidirectional attention, dense or MoE MLP) with stochastic depth."""
-
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module, drop_path: float) -> None:
-        super().__init__()
-        self.ln_1 = layer_norm(cfg)
-        self.attn = BidirectionalSelfAttention(cfg)
-        self.ln_2 = layer_norm(cfg)
-        self.mlp = mlp
-        self.is_moe = isinstance(mlp, MoELayer)
-        self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x_BSD: Tensor, ctx: Optional[RoutingContext] = None
-                ) -> tuple[Tensor, Tensor]:
-        """Returns the new residual stream and this block's router losses (0 for dense)."""
-        x_BSD = x_BSD + self.drop_path(self.attn(self.ln_1(x_BSD)))
-        h_BSD = self.ln_2(x_BSD)
-        if self.is_moe:
-            y_BSD, aux = self.mlp(h_BSD, ctx)
-        else:
-            y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
-        return x_BSD + self.drop_path(self.mlp_dropout(y_BSD)), aux
-
-
 class VisionTransformer(nn.Module):
     """ViT/DeiT classifier: images [B, C, H, W] -> logits [B, classes] (+ router losses)."""
 
@@ -144,14 +115,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, vit.num_tokens, d))
         self.pos_drop = nn.Dropout(m.hidden_dropout)
         rates = torch.linspace(0, vit.drop_path_rate, m.num_layers).tolist()  # DeiT's rule
-        blocks, moe_index = [], 0
-        for i, is_moe in enumerate(self.pattern):
-            if is_moe:
-                mlp = MoELayer(m, moe, i, moe_index, cfg.train.seed)
-                moe_index += 1
-            else:
-                mlp = MLP(d, m.ffn_size, not m.disable_bias_linear, m.gelu_approximation)
-            blocks.append(ViTBlock(m, mlp, rates[i]))
+        blocks = build_blocks(cfg, causal=False, drop_path_rates=rates)
         self.blocks = nn.ModuleList(blocks)
         self.norm = layer_norm(m)
         self.head = nn.Linear(d, vit.num_classes)
@@ -163,19 +127,15 @@ class VisionTransformer(nn.Module):
     @property
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers in block order."""
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+        return moe_layers(self)
 
     def init_weights(self, seed: int) -> None:
         """Seeded per (global) parameter name: trunc-normal weights, zero biases, unit gains."""
         std = self.cfg.model.init_method_std
+        names = layout_free_names(self)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                canonical = name
-                match = _EXPERT_RE.search(name)
-                if match:  # local expert id -> global expert id
-                    layer = self.blocks[int(name.split(".")[1])].mlp
-                    global_id = layer.experts.global_id(int(match.group(1)))
-                    canonical = _EXPERT_RE.sub(f"deepspeed_experts.{global_id}.", name)
+                canonical = names[name]
                 if ".ln_" in name or name.startswith("norm."):
                     p.fill_(1.0 if name.endswith("weight") else 0.0)
                 elif name.endswith("bias"):
@@ -197,17 +157,15 @@ class VisionTransformer(nn.Module):
         ctx = RoutingContext(token_index, None, iteration)
         for block in self.blocks:
             if self.recompute and self.training:
-                x, a = checkpoint(block, x, ctx, use_reentrant=False)
+                x, a = checkpoint(block, x, None, ctx, use_reentrant=False)
             else:
-                x, a = block(x, ctx)
+                x, a = block(x, None, ctx)
             aux = aux + a
         return self.head(self.norm(x)[:, 0]).float(), aux
 
     def routing_counts(self) -> tuple[Tensor, Tensor]:
         """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
-        layers = self.moe_layers
-        return (torch.stack([lay.last_tokens_per_expert for lay in layers]),
-                torch.stack([lay.last_dropped for lay in layers]))
+        return routing_counts(self.moe_layers)
 
     # ---- model EMA --------------------------------------------------------------------------
 
@@ -261,18 +219,11 @@ def vit_flops_per_image(cfg: Config, vit: ViTConfig) -> float:
     """Forward matmul FLOPs per image on active parameters (MoE: k experts): patch embedding,
     per block 2 x (QKV + output) x S + attention 2 x 2 x S^2 x D + MLP or k experts (+ router),
     and the head. Training = 3x forward."""
-    m, moe = cfg.model, cfg.moe
+    m = cfg.model
     d, s = m.hidden_size, vit.num_tokens
-    flops = 2.0 * vit.num_patches * vit.in_chans * vit.patch_size ** 2 * d
-    for is_moe in moe.layer_pattern(m.num_layers):
-        flops += 2 * 4 * d * d * s + 2 * 2 * s * s * d
-        if is_moe:
-            ffn = moe.moe_ffn_hidden_size or m.ffn_size
-            flops += moe.moe_router_topk * 2 * 2 * d * ffn * s
-            flops += ROUTERS[moe.router_type].flops_per_token(d, moe.num_experts) * s
-        else:
-            flops += 2 * 2 * d * m.ffn_size * s
-    return flops + 2 * d * vit.num_classes
+    patches = 2.0 * vit.num_patches * vit.in_chans * vit.patch_size ** 2 * d
+    attention = m.num_layers * (2 * 4 * d * d * s + 2 * 2 * s * s * d)
+    return patches + attention + mlp_flops_per_token(cfg) * s + 2 * d * vit.num_classes
 
 
 def describe(cfg: Config, vit: ViTConfig) -> str:

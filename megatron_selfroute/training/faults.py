@@ -1,8 +1,10 @@
-"""Numerical faults: detect a non-finite loss on any rank, skip or stop, and test injection."""
+"""Run faults: a non-finite loss on any rank (skip or stop), the fault-injection hook of tests,
+and the SIGTERM latch of --exit-signal-handler."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+import signal
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,14 +39,39 @@ def zero_loss(model: torch.nn.Module) -> torch.Tensor:
     return sum((p.reshape(-1)[:1] * 0.0).sum() for p in model.parameters() if p.requires_grad)
 
 
-def injected_fault(loss: torch.Tensor, iteration: int) -> torch.Tensor:
-    """Fault injection for tests: MEGATRON_SELFROUTE_NAN_AT="3,7" makes those iterations' losses
-    NaN (on every rank, or only on rank R with "3@R")."""
-    spec = os.environ.get("MEGATRON_SELFROUTE_NAN_AT")
-    if not spec:
-        return loss
-    for item in spec.split(","):
-        it, _, rank = item.partition("@")
-        if int(it) == iteration and (not rank or int(rank) == dist.get_rank()):
-            return loss * float("nan")
-    return loss
+FaultHook = Callable[[torch.Tensor, int], torch.Tensor]
+"""(loss, iteration) -> the loss to use (a test may make it non-finite)."""
+
+
+def nan_injection_from_env(rank: int) -> FaultHook:
+    """The run's fault hook, read once at set-up: MEGATRON_SELFROUTE_NAN_AT="3,7" makes those
+    iterations' losses NaN on every rank, "3@R" only on rank R; unset = the identity."""
+    spec = os.environ.get("MEGATRON_SELFROUTE_NAN_AT", "")
+    at = set()
+    for item in filter(None, spec.split(",")):
+        it, _, on = item.partition("@")
+        if not on or int(on) == rank:
+            at.add(int(it))
+
+    def hook(loss: torch.Tensor, iteration: int) -> torch.Tensor:
+        return loss * float("nan") if iteration in at else loss
+
+    return hook
+
+
+class ExitSignal:
+    """The run's SIGTERM latch (--exit-signal-handler): set by the signal, read at step ends by
+    every rank (all-reduced), the previous handler restored by `close`."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm) if enabled else None
+        self._enabled = enabled
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.received = True
+
+    def close(self) -> None:
+        if self._enabled:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+            self._enabled = False

@@ -1,18 +1,24 @@
-"""The training driver shared by pretrain_gpt.py and pretrain_vit.py.
+"""The training driver shared by pretrain_gpt.py and pretrain_vit.py, in named steps.
 
-A script supplies a `Task` (how to build the model, the datasets, and one forward step); this
-module does distributed set-up, the DeepSpeed engine, checkpoint resume, the step loop with
-gradient accumulation, evaluation, logging, checkpoints and clean exits (interval, wall time,
-SIGTERM).
+A script supplies a `Task` (`training/task.py`: how to build and parallelise the model, the
+datasets and one forward step) and a `ParallelLayout`; `pretrain` then runs
+
+    Trainer.setup      distributed groups, the resolved config, model, engine, resume, data
+    Trainer.train_step one optimizer step over the gradient-accumulation micro-batches
+                       (NaN skip, exact ZeRO-0 clipping)
+    Trainer.record     the step's losses into the run result and the interval sums
+    Trainer.log        the Megatron-style line, TensorBoard scalars, routing statistics, timers
+    Trainer.evaluate_save_exit   validation, checkpoints, clean exits (interval, wall time,
+                       SIGTERM)
+
+until --train-iters, then `finish`. No module-level state: the SIGTERM latch and the fault
+injection hook belong to the run and are made once in `setup`.
 """
 from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -23,18 +29,20 @@ from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
 from megatron_selfroute.moe.router import ROUTERS
 from megatron_selfroute.parallel.engine import (
-    CheckpointLoadError,
     build_engine,
     clip_gradients_stage0,
     gradient_accumulation_steps,
 )
-from megatron_selfroute.parallel.groups import all_reduce_small, shutdown
+from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
 from megatron_selfroute.training import checkpointing
+from megatron_selfroute.training.entry import run_main  # noqa: F401  (re-exported for scripts)
 from megatron_selfroute.training.faults import (
+    ExitSignal,
+    FaultHook,
     TrainingError,
     any_rank_nonfinite,
-    injected_fault,
+    nan_injection_from_env,
     skip_or_stop,
     zero_loss,
 )
@@ -47,52 +55,10 @@ from megatron_selfroute.training.logging import (
     print_rank0,
 )
 from megatron_selfroute.training.schedules import learning_rate
+from megatron_selfroute.training.task import RunResult, Task
 
-
-@dataclass
-class Task:
-    """What a pretraining script provides."""
-
-    # The single-device model; expert weights may stay on the meta device until `parallelize`.
-    build_model: Callable[[Config], torch.nn.Module]
-    # Applies the layout: keeps this rank's experts, wires the groups, initialises the weights.
-    parallelize: Callable[[torch.nn.Module, ParallelLayout], torch.nn.Module]
-    build_datasets: Callable[[Config, list[int]], tuple]
-    forward_step: Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    collate: Callable[[list], dict]
-    flops_per_sample: Callable[[Config], float]
-    tokens_per_sample: Callable[[Config], int]
-    # Name of the main loss among forward_step's metrics (the others are averaged and logged).
-    loss_name: str = "lm loss"
-    # (cfg, dataset, consumed_samples, total_samples, layout) -> iterable of batches; default:
-    # the Megatron sequential order of data/samplers.py over the data-parallel ranks.
-    make_train_loader: Optional[Callable[[Config, Any, int, int, ParallelLayout], Any]] = None
-    # Called after every optimizer step with (engine, iteration), e.g. for a model EMA.
-    after_step: Optional[Callable[[Any, int], None]] = None
-    report_perplexity: bool = True
-    # Called with (engine, batch) on each batch while it is still on the host, before the copy to
-    # the device: a place for data checks that would otherwise wait for the GPU.
-    check_batch: Optional[Callable[[Any, dict], None]] = None
-    # Settings outside Config that fix the model's shape (e.g. image and patch size): saved with
-    # every checkpoint and compared on resume.
-    shape_config: dict = field(default_factory=dict)
-
-
-@dataclass
-class RunResult:
-    """What a run did (returned to callers and tests)."""
-
-    iteration: int
-    losses: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
-    valid_losses: dict[int, float] = field(default_factory=dict)
-    exit_reason: str = "done"
-
-
-_SIGNAL = {"received": False}
-
-
-def _on_sigterm(signum, frame) -> None:
-    _SIGNAL["received"] = True
+__all__ = ["RunResult", "Task", "Trainer", "evaluate", "pretrain", "resolve_config",
+           "run_main"]
 
 
 def peak_tflops(cfg: Config) -> Optional[float]:
@@ -108,6 +74,23 @@ def peak_tflops(cfg: Config) -> Optional[float]:
     return None
 
 
+def resolve_config(cfg: Config, layout: ParallelLayout) -> Config:
+    """The run's config, computed once: a copy with the global batch (default micro batch x
+    data-parallel size) and the iteration count (from --train-samples) filled in."""
+    cfg = Config.from_dict(cfg.to_dict())
+    tr = cfg.train
+    if tr.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use "
+                          "--bf16")
+    if tr.global_batch_size is None:
+        tr.global_batch_size = tr.micro_batch_size * layout.dp
+    if tr.train_iters is None:
+        if tr.train_samples is None:
+            raise ConfigError("one of --train-iters or --train-samples is required")
+        tr.train_iters = math.ceil(tr.train_samples / tr.global_batch_size)
+    return cfg
+
+
 def _check_writable(path: Optional[str], flag: str) -> None:
     if not path:
         return
@@ -121,8 +104,9 @@ def _check_writable(path: Optional[str], flag: str) -> None:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror})") from None
 
 
-def _batches(dataset, cfg: Config, consumed: int, total: int, collate,
-             layout: ParallelLayout) -> Any:
+def batches(dataset, cfg: Config, consumed: int, total: int, collate,
+            layout: ParallelLayout) -> Any:
+    """Megatron's sequential order over the data-parallel ranks, from sample `consumed`."""
     sampler = PretrainingSampler(total, consumed, cfg.train.micro_batch_size, layout.dp_rank,
                                  layout.dp)
     # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
@@ -152,7 +136,7 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int,
     per_step = cfg.train.micro_batch_size * layout.dp
     needed = cfg.train.eval_iters * per_step
     needed -= needed % per_step
-    loader = _batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate, layout)
+    loader = batches(dataset, cfg, 0, min(needed, len(dataset)), task.collate, layout)
     with torch.no_grad():
         for batch in loader:
             _, metrics = task.forward_step(engine, _to_device(task, engine, batch), iteration)
@@ -171,35 +155,312 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int,
             acc.reduce_and_reset(layout.dp_group))
 
 
+@dataclass
+class StepOutcome:
+    """One optimizer step: data-parallel mean losses, the learning rate, whether it was skipped
+    and the ZeRO-0 gradient norm this project computed (None when DeepSpeed clips)."""
+
+    lm_loss: float
+    aux_loss: float
+    lr: float
+    skipped: bool
+    own_norm: Optional[float]
+
+
+@dataclass
+class _Interval:
+    """Sums over the current logging interval."""
+
+    lm: float = 0.0
+    aux: float = 0.0
+    n: int = 0
+
+
+@dataclass
+class Trainer:
+    """Everything a run holds between its steps (made by `setup`)."""
+
+    cfg: Config
+    task: Task
+    layout: ParallelLayout
+    engine: Any
+    state: checkpointing.ResumeState
+    loader: Any
+    valid_ds: Any
+    logger: MetricsLogger
+    exit_signal: ExitSignal
+    fault_hook: FaultHook
+    result: RunResult
+    accum: int
+    routing: RoutingAccumulator = field(default_factory=RoutingAccumulator)
+    step_timer: Timer = field(default_factory=Timer)
+    timers: Optional[Timers] = None
+    interval: _Interval = field(default_factory=_Interval)
+    start_time: float = field(default_factory=time.time)
+    last_saved: Optional[str] = None
+    iters_this_run: int = 0
+    profiler: Any = None
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    @classmethod
+    def setup(cls, cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
+              extra_ds: Optional[dict] = None,
+              fault_hook: Optional[FaultHook] = None) -> "Trainer":
+        """Groups, the resolved config, the parallelised model on its engine, resume, data."""
+        par = cfg.parallel
+        init_distributed(par.distributed_backend, par.distributed_timeout_minutes)
+        layout = (layout or ParallelLayout.from_config(cfg)).build_groups()
+        layout.validate(cfg)
+        cfg = resolve_config(cfg, layout)
+        tr = cfg.train
+        if layout.rank == 0:
+            _check_writable(tr.save, "--save")
+            _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
+        dist.barrier()
+        torch.manual_seed(tr.seed)
+        if tr.deterministic:  # bit-exact resume on GPU (cuBLAS needs a fixed workspace)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True)
+        model = task.parallelize(task.build_model(cfg), layout)
+        _log_model(cfg, layout, model)
+        engine = build_engine(model, cfg, layout, extra_ds)
+        state = _resume(engine, cfg, task, layout)
+        gbs = tr.global_batch_size
+        n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
+        train_ds, valid_ds, _ = task.build_datasets(cfg, [tr.train_iters * gbs, n_eval,
+                                                          tr.eval_iters * gbs])
+        if train_ds is None:
+            raise ConfigError(f"--split {cfg.data.split} leaves no training data in "
+                              f"--data-path {' '.join(cfg.data.data_path)}")
+        make_loader = task.make_train_loader or (
+            lambda c, ds, consumed, total, lay: batches(ds, c, consumed, total, task.collate,
+                                                        lay))
+        loader = iter(make_loader(cfg, train_ds, state.consumed_train_samples,
+                                  tr.train_iters * gbs, layout))
+        logger = MetricsLogger(tr.tensorboard_dir, cfg.to_dict(), tr.wandb_project)
+        return cls(cfg=cfg, task=task, layout=layout, engine=engine, state=state,
+                   loader=loader, valid_ds=valid_ds, logger=logger,
+                   exit_signal=ExitSignal(tr.exit_signal_handler),
+                   fault_hook=fault_hook or nan_injection_from_env(layout.rank),
+                   result=RunResult(state.iteration),
+                   accum=gradient_accumulation_steps(cfg, layout.dp),
+                   timers=Timers(tr.timing_log_level), profiler=_maybe_profiler(cfg))
+
+    # ---- one optimizer step ------------------------------------------------------------------
+
+    def train_step(self) -> StepOutcome:
+        """Forward/backward over the micro-batches and one optimizer step (lr 0 when skipped)."""
+        tr, engine, timers, state = self.cfg.train, self.engine, self.timers, self.state
+        it = state.iteration
+        lr = learning_rate(tr, it, tr.train_iters)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.step_timer.start()
+        lm_sum, aux_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        own_norm, skip = None, False
+        last_good = self.last_saved or tr.load
+        for micro in range(self.accum):
+            last = micro == self.accum - 1
+            with timers("data", 1):
+                batch = _to_device(self.task, engine, next(self.loader))
+            with timers("forward", 1):
+                loss, metrics = self.task.forward_step(engine, batch, it)
+            loss = self.fault_hook(loss, it + 1)
+            with timers("nan-check", 2):
+                nonfinite = any_rank_nonfinite(loss)
+            if nonfinite:
+                skip = skip or skip_or_stop(state, tr, it + 1, "loss", last_good)
+                engine.backward(zero_loss(engine.module))  # keeps every rank's collectives
+            else:
+                lm_sum += metrics[self.task.loss_name].double().cpu()
+                aux_sum += metrics["aux loss"].double().cpu()
+                with timers("backward", 1):
+                    engine.backward(loss)
+            if getattr(engine.module, "moe_layers", None):
+                self.routing.add(*engine.module.routing_counts())
+            if last and engine.own_clipping and not skip:
+                with timers("grad-clip", 2):
+                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, self.layout)
+                if not math.isfinite(own_norm):
+                    skip = skip_or_stop(state, tr, it + 1, "gradient norm", last_good)
+            if last and skip:
+                for group in engine.optimizer.param_groups:  # no weight update this step
+                    group["lr"] = 0.0
+            with timers("optimizer" if last else "step-bookkeeping", 1):
+                engine.step()
+        if not skip and not engine.own_clipping:
+            norm = engine.get_global_grad_norm()
+            if norm is not None and not math.isfinite(float(norm)):
+                raise TrainingError(f"non-finite gradient norm at iteration {it + 1}; last good "
+                                    f"checkpoint: {last_good or 'none'}")
+        self.step_timer.stop()
+        if self.task.after_step is not None:
+            self.task.after_step(engine, it + 1)
+        lm_loss, aux_loss = (all_reduce_small(torch.stack([lm_sum, aux_sum]) / self.accum,
+                                              group=self.layout.dp_group)
+                             / self.layout.dp).tolist()
+        return StepOutcome(lm_loss, aux_loss, lr, skip, own_norm)
+
+    def record(self, step: StepOutcome) -> None:
+        """Advance the position and keep the step's losses (NaN for a skipped step)."""
+        state = self.state
+        state.iteration += 1
+        state.consumed_train_samples += self.cfg.train.global_batch_size
+        self.iters_this_run += 1
+        self.result.iteration = state.iteration
+        if step.skipped:
+            self.result.losses[state.iteration] = float("nan")
+        else:
+            self.result.losses[state.iteration] = step.lm_loss
+            self.interval.lm += step.lm_loss
+            self.interval.aux += step.aux_loss
+            self.interval.n += 1
+        if self.profiler is not None:
+            self.profiler.step()
+
+    # ---- logging -----------------------------------------------------------------------------
+
+    def log(self, step: StepOutcome) -> None:
+        """At every --log-interval and the last step: the console line, scalars, timers."""
+        tr, state, name = self.cfg.train, self.state, self.task.loss_name
+        if state.iteration % tr.log_interval and state.iteration != tr.train_iters:
+            return
+        gbs = tr.global_batch_size
+        n_logged = max(self.interval.n, 1)
+        per_iter = self.step_timer.pop() / n_logged
+        grad_norm = step.own_norm if self.engine.own_clipping else (
+            self.engine.get_global_grad_norm())
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        tflops = self.task.flops_per_sample(self.cfg) * gbs / per_iter / 1e12
+        tflops /= self.layout.world_size
+        tokens = self.task.tokens_per_sample(self.cfg) * gbs / per_iter
+        out = {name: self.interval.lm / n_logged, "aux loss": self.interval.aux / n_logged,
+               "learning-rate": step.lr, "skipped-steps": float(state.skipped_steps),
+               "grad-norm": grad_norm, "tokens-per-sec": tokens, "tflops-per-device": tflops,
+               "consumed-samples": float(state.consumed_train_samples)}
+        peak = peak_tflops(self.cfg)
+        if peak:
+            out["mfu"] = tflops / peak
+        self.logger.scalars("train", out, state.iteration)
+        rstats = self.routing.reduce_and_reset(self.layout.dp_group)
+        self.logger.routing("train", rstats, state.iteration)
+        line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "
+                f"{state.consumed_train_samples:10d} | elapsed time per iteration (ms): "
+                f"{per_iter * 1000:.1f} | learning rate {step.lr:.3E} | global batch size "
+                f"{gbs:5d} | {name} {out[name]:.6E} | aux loss {out['aux loss']:.4E} | grad "
+                f"norm {grad_norm:.3f} | tokens/s {tokens:.0f} | TFLOP/s/device {tflops:.3f}")
+        if peak:
+            line += f" | MFU {100 * tflops / peak:.1f}%"
+        if rstats is not None:
+            h = sum(rstats["normalized_entropy"]) / len(rstats["normalized_entropy"])
+            mf = sum(rstats["max_fraction"]) / len(rstats["max_fraction"])
+            line += f" | routing H/logN {h:.3f} max-frac {mf:.3f}"
+        if state.skipped_steps:
+            line += f" | skipped steps {state.skipped_steps}"
+        eta = per_iter * (tr.train_iters - state.iteration)
+        print_rank0(line + f" | ETA {format_eta(eta)}")
+        timing = self.timers.pop_ms(n_logged)
+        if timing:
+            self.logger.scalars("timers", timing, state.iteration)
+            print_rank0("    timers (ms per iteration): " + " | ".join(
+                f"{k} {v:.1f}" for k, v in timing.items()))
+        self.interval = _Interval()
+
+    # ---- evaluation, checkpoints, exits ------------------------------------------------------
+
+    def evaluate_save_exit(self) -> Optional[str]:
+        """Validation at --eval-interval, a checkpoint at --save-interval or before an exit;
+        returns the exit reason (interval, wall time, SIGTERM) or None to go on."""
+        tr, it = self.cfg.train, self.state.iteration
+        if self.valid_ds is not None and it % tr.eval_interval == 0:
+            self.run_eval()
+        reason = self._exit_reason()
+        if tr.save and (reason or (tr.save_interval and it % tr.save_interval == 0)):
+            self.save()
+        if reason:
+            print_rank0(f"> exiting at iteration {it}: {reason}")
+            self.result.exit_reason = reason
+        return reason
+
+    def run_eval(self) -> None:
+        """Validate now; log the metrics, perplexity and per-layer routing."""
+        it, name = self.state.iteration, self.task.loss_name
+        metrics, rstats = evaluate(self.engine, self.task, self.valid_ds, self.cfg, it,
+                                   self.layout)
+        loss = metrics[name]
+        self.result.valid_losses[it] = loss
+        if self.task.report_perplexity:
+            metrics[f"{name} ppl"] = math.exp(min(loss, 50))
+        self.logger.scalars("valid", metrics, it)
+        self.logger.routing("valid", rstats, it)
+        parts = " | ".join(f"{k} {v:.6E}" if k == name else f"{k} {v:.4f}"
+                           for k, v in metrics.items())
+        line = f" validation at iteration {it} | {parts}"
+        if rstats is not None:
+            ent = " ".join(f"{v:.3f}" for v in rstats["normalized_entropy"])
+            mf = " ".join(f"{v:.3f}" for v in rstats["max_fraction"])
+            line += f"\n   per-layer H/logN: {ent}\n   per-layer max expert fraction: {mf}"
+        print_rank0(line)
+
+    def save(self) -> None:
+        self.last_saved = checkpointing.save_checkpoint(self.engine, self.cfg.train.save,
+                                                        self.cfg, self.state, self.layout,
+                                                        self.task.shape_config)
+        print_rank0(f"> saved checkpoint {self.last_saved}")
+
+    def _exit_reason(self) -> Optional[str]:
+        tr = self.cfg.train
+        flags = torch.tensor([
+            1.0 if self.exit_signal.received else 0.0,
+            1.0 if (tr.exit_duration_in_mins and
+                    (time.time() - self.start_time) / 60 >= tr.exit_duration_in_mins) else 0.0,
+        ])
+        flags = all_reduce_small(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "SIGTERM received (--exit-signal-handler)"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {tr.exit_duration_in_mins} reached"
+        if tr.exit_interval and self.state.iteration % tr.exit_interval == 0:
+            return f"--exit-interval {tr.exit_interval}"
+        return None
+
+    def finish(self, completed: bool) -> RunResult:
+        """After the last step: the final validation and checkpoint (when the run completed and
+        they were not just done), then close the profiler, the logger and the signal latch."""
+        tr = self.cfg.train
+        if completed and self.iters_this_run:
+            if self.valid_ds is not None and self.state.iteration % tr.eval_interval != 0:
+                self.run_eval()
+            final_tag = checkpointing.tag_for(self.state.iteration)
+            if tr.save and not (self.last_saved or "").endswith(final_tag):
+                self.save()
+        if self.profiler is not None:
+            self.profiler.stop()
+        self.logger.close()
+        self.exit_signal.close()
+        return self.result
+
+
 def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
-             extra_ds: Optional[dict] = None) -> RunResult:
+             extra_ds: Optional[dict] = None,
+             fault_hook: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
+             ) -> RunResult:
     """Train per `cfg` on `layout` (default: the launcher's world); returns the per-iteration
-    losses. Every rank calls it."""
-    init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
-    layout = (layout or ParallelLayout.from_config(cfg)).build_groups()
-    layout.validate(cfg)
-    rank = layout.rank
-    tr = cfg.train
-    if tr.fp16 and not torch.cuda.is_available():
-        raise ConfigError("--fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use "
-                          "--bf16")
-    if tr.global_batch_size is None:
-        tr.global_batch_size = tr.micro_batch_size * layout.dp
-    accum = gradient_accumulation_steps(cfg, layout.dp)
-    if tr.train_iters is None:
-        if tr.train_samples is None:
-            raise ConfigError("one of --train-iters or --train-samples is required")
-        tr.train_iters = math.ceil(tr.train_samples / tr.global_batch_size)
-    if rank == 0:
-        _check_writable(tr.save, "--save")
-        _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
-    dist.barrier()
-    torch.manual_seed(tr.seed)
-    if tr.deterministic:  # bit-exact resume on GPU (cuBLAS needs a fixed workspace)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
-    model = task.parallelize(task.build_model(cfg), layout)
+    losses. Every rank calls it. `fault_hook(loss, iteration)` may replace a loss (tests);
+    by default it is MEGATRON_SELFROUTE_NAN_AT's, read once here."""
+    trainer = Trainer.setup(cfg, task, layout, extra_ds, fault_hook)
+    while trainer.state.iteration < trainer.cfg.train.train_iters:
+        step = trainer.train_step()
+        trainer.record(step)
+        trainer.log(step)
+        if trainer.evaluate_save_exit():
+            return trainer.finish(completed=False)
+    return trainer.finish(completed=True)
+
+
+def _log_model(cfg: Config, layout: ParallelLayout, model: torch.nn.Module) -> None:
     print_rank0(f"> parallel layout: {layout}")
     pattern = getattr(model, "pattern", None)
     if pattern is not None and any(pattern):
@@ -208,214 +469,27 @@ def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
                                                                  cfg.moe.num_experts)
         print_rank0(f"> MoE layers at blocks {[i for i, v in enumerate(pattern) if v]} "
                     f"({cfg.moe.num_experts or 0} experts, top-{cfg.moe.moe_router_topk}, "
-                    f"router {cfg.moe.router_type} with {router_params} learned parameters, "
-                    f"EP={layout.ep}, dispatcher {cfg.moe.moe_token_dispatcher_type})")
-    engine = build_engine(model, cfg, layout, extra_ds)
-    state = checkpointing.ResumeState()
-    if tr.load:
-        loaded = checkpointing.load_checkpoint(engine, tr.load, cfg, layout, task.shape_config)
-        if loaded is None:
-            print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
-        else:
-            state = loaded
-            if state.consumed_train_samples > state.iteration * tr.global_batch_size:
-                raise checkpointing.CheckpointError(
-                    f"{tr.load} consumed {state.consumed_train_samples} samples in "
-                    f"{state.iteration} iterations; --global-batch-size "
-                    f"{tr.global_batch_size} does not match (use the checkpoint's global batch, "
-                    "or --finetune)")
-            print_rank0(f"> resumed from {tr.load} at iteration {state.iteration}")
-    gbs = tr.global_batch_size
-    n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
-    train_ds, valid_ds, _ = task.build_datasets(cfg, [tr.train_iters * gbs, n_eval,
-                                                      tr.eval_iters * gbs])
-    if train_ds is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no training data in --data-path "
-                          f"{' '.join(cfg.data.data_path)}")
-    make_loader = task.make_train_loader or (
-        lambda c, ds, consumed, total, lay: _batches(ds, c, consumed, total, task.collate, lay))
-    loader = iter(make_loader(cfg, train_ds, state.consumed_train_samples, tr.train_iters * gbs,
-                              layout))
-    logger = MetricsLogger(tr.tensorboard_dir, cfg.to_dict(), tr.wandb_project)
-    if tr.exit_signal_handler:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    result = RunResult(state.iteration)
-    routing = RoutingAccumulator()
-    step_timer = Timer()
-    timers = Timers(tr.timing_log_level)
-    interval = {"lm": 0.0, "aux": 0.0, "n": 0}
-    start_time = time.time()
-    flops_per_iter = task.flops_per_sample(cfg) * gbs
-    tokens_per_iter = task.tokens_per_sample(cfg) * gbs
-    peak = peak_tflops(cfg)
-    last_saved: Optional[str] = None
-    iters_this_run = 0
-    profiler = _maybe_profiler(cfg)
-    while state.iteration < tr.train_iters:
-        it = state.iteration
-        lr = learning_rate(tr, it, tr.train_iters)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        step_timer.start()
-        lm_sum, aux_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        own_norm = None
-        skip_step = False
-        for micro in range(accum):
-            with timers("data", 1):
-                batch = _to_device(task, engine, next(loader))
-            with timers("forward", 1):
-                loss, metrics = task.forward_step(engine, batch, it)
-            loss = injected_fault(loss, it + 1)
-            with timers("nan-check", 2):
-                nonfinite = any_rank_nonfinite(loss)
-            if nonfinite:
-                skip_step = skip_step or skip_or_stop(state, tr, it + 1, "loss",
-                                                       last_saved or tr.load)
-                engine.backward(zero_loss(engine.module))  # keeps every rank's collectives
-            else:
-                lm_sum += metrics[task.loss_name].double().cpu()
-                aux_sum += metrics["aux loss"].double().cpu()
-                with timers("backward", 1):
-                    engine.backward(loss)
-            if getattr(engine.module, "moe_layers", None):
-                routing.add(*engine.module.routing_counts())
-            if micro == accum - 1 and engine.own_clipping and not skip_step:
-                with timers("grad-clip", 2):
-                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, layout)
-                if not math.isfinite(own_norm):
-                    skip_step = skip_or_stop(state, tr, it + 1, "gradient norm",
-                                              last_saved or tr.load)
-            if micro == accum - 1 and skip_step:
-                for group in engine.optimizer.param_groups:  # no weight update this step
-                    group["lr"] = 0.0
-            with timers("optimizer" if micro == accum - 1 else "step-bookkeeping", 1):
-                engine.step()
-        if not skip_step and not engine.own_clipping:
-            norm = engine.get_global_grad_norm()
-            if norm is not None and not math.isfinite(float(norm)):
-                raise TrainingError(f"non-finite gradient norm at iteration {it + 1}; last good "
-                                    f"checkpoint: {last_saved or tr.load or 'none'}")
-        step_timer.stop()
-        if task.after_step is not None:
-            task.after_step(engine, it + 1)
-        state.iteration += 1
-        state.consumed_train_samples += gbs
-        iters_this_run += 1
-        lm_loss, aux_loss = _dp_mean(torch.stack([lm_sum, aux_sum]) / accum, layout)
-        result.iteration = state.iteration
-        if skip_step:
-            result.losses[state.iteration] = float("nan")
-        else:
-            result.losses[state.iteration] = lm_loss
-            interval["lm"] += lm_loss
-            interval["aux"] += aux_loss
-            interval["n"] += 1
-        if profiler is not None:
-            profiler.step()
-        if state.iteration % tr.log_interval == 0 or state.iteration == tr.train_iters:
-            elapsed = step_timer.pop()
-            n_logged = max(interval["n"], 1)
-            per_iter = elapsed / n_logged
-            grad_norm = own_norm if engine.own_clipping else engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            tflops = flops_per_iter / per_iter / 1e12 / layout.world_size
-            metrics_out = {task.loss_name: interval["lm"] / n_logged,
-                           "aux loss": interval["aux"] / n_logged, "learning-rate": lr,
-                           "skipped-steps": float(state.skipped_steps),
-                           "grad-norm": grad_norm, "tokens-per-sec": tokens_per_iter / per_iter,
-                           "tflops-per-device": tflops,
-                           "consumed-samples": float(state.consumed_train_samples)}
-            if peak:
-                metrics_out["mfu"] = tflops / peak
-            logger.scalars("train", metrics_out, state.iteration)
-            rstats = routing.reduce_and_reset(layout.dp_group)
-            logger.routing("train", rstats, state.iteration)
-            eta = per_iter * (tr.train_iters - state.iteration)
-            line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "
-                    f"{state.consumed_train_samples:10d} | elapsed time per iteration (ms): "
-                    f"{per_iter * 1000:.1f} | learning rate {lr:.3E} | global batch size "
-                    f"{gbs:5d} | {task.loss_name} {metrics_out[task.loss_name]:.6E} | aux loss "
-                    f"{metrics_out['aux loss']:.4E} | grad norm {grad_norm:.3f} | tokens/s "
-                    f"{metrics_out['tokens-per-sec']:.0f} | TFLOP/s/device {tflops:.3f}")
-            if peak:
-                line += f" | MFU {100 * tflops / peak:.1f}%"
-            if rstats is not None:
-                h = sum(rstats["normalized_entropy"]) / len(rstats["normalized_entropy"])
-                mf = sum(rstats["max_fraction"]) / len(rstats["max_fraction"])
-                line += f" | routing H/logN {h:.3f} max-frac {mf:.3f}"
-            if state.skipped_steps:
-                line += f" | skipped steps {state.skipped_steps}"
-            print_rank0(line + f" | ETA {format_eta(eta)}")
-            timing = timers.pop_ms(n_logged)
-            if timing:
-                logger.scalars("timers", timing, state.iteration)
-                print_rank0("    timers (ms per iteration): " + " | ".join(
-                    f"{k} {v:.1f}" for k, v in timing.items()))
-            interval = {"lm": 0.0, "aux": 0.0, "n": 0}
-        if valid_ds is not None and state.iteration % tr.eval_interval == 0:
-            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result, layout)
-        reason = _exit_reason(cfg, state.iteration, start_time)
-        saving = tr.save and (reason or (tr.save_interval and
-                                         state.iteration % tr.save_interval == 0))
-        if saving:
-            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state, layout,
-                                                       task.shape_config)
-            print_rank0(f"> saved checkpoint {last_saved}")
-        if reason:
-            print_rank0(f"> exiting at iteration {state.iteration}: {reason}")
-            result.exit_reason = reason
-            break
-    else:
-        if valid_ds is not None and state.iteration % tr.eval_interval != 0 and iters_this_run:
-            _run_eval(engine, task, valid_ds, cfg, state.iteration, logger, result, layout)
-        final_tag = checkpointing.tag_for(state.iteration)
-        if tr.save and iters_this_run and not (last_saved or "").endswith(final_tag):
-            last_saved = checkpointing.save_checkpoint(engine, tr.save, cfg, state, layout,
-                                                       task.shape_config)
-            print_rank0(f"> saved checkpoint {last_saved}")
-    if profiler is not None:
-        profiler.stop()
-    logger.close()
-    return result
+                    f"router {cfg.moe.router_type}, EP={layout.ep}, dispatcher "
+                    f"{cfg.moe.moe_token_dispatcher_type}, {router_params} learned router "
+                    "parameters)")
 
 
-def _run_eval(engine, task, valid_ds, cfg, iteration, logger, result, layout) -> None:
-    metrics, rstats = evaluate(engine, task, valid_ds, cfg, iteration, layout)
-    loss = metrics[task.loss_name]
-    result.valid_losses[iteration] = loss
-    if task.report_perplexity:
-        metrics[f"{task.loss_name} ppl"] = math.exp(min(loss, 50))
-    logger.scalars("valid", metrics, iteration)
-    logger.routing("valid", rstats, iteration)
-    parts = " | ".join(f"{k} {v:.6E}" if k == task.loss_name else f"{k} {v:.4f}"
-                       for k, v in metrics.items())
-    line = f" validation at iteration {iteration} | {parts}"
-    if rstats is not None:
-        ent = " ".join(f"{v:.3f}" for v in rstats["normalized_entropy"])
-        mf = " ".join(f"{v:.3f}" for v in rstats["max_fraction"])
-        line += f"\n   per-layer H/logN: {ent}\n   per-layer max expert fraction: {mf}"
-    print_rank0(line)
-
-
-def _dp_mean(values: torch.Tensor, layout: ParallelLayout) -> list[float]:
-    return (all_reduce_small(values, group=layout.dp_group) / layout.dp).tolist()
-
-
-def _exit_reason(cfg: Config, iteration: int, start_time: float) -> Optional[str]:
+def _resume(engine, cfg: Config, task: Task, layout: ParallelLayout
+            ) -> checkpointing.ResumeState:
     tr = cfg.train
-    flags = torch.tensor([
-        1.0 if _SIGNAL["received"] else 0.0,
-        1.0 if (tr.exit_duration_in_mins and
-                (time.time() - start_time) / 60 >= tr.exit_duration_in_mins) else 0.0,
-    ])
-    flags = all_reduce_small(flags, op=dist.ReduceOp.MAX)
-    if flags[0] > 0:
-        return "SIGTERM received (--exit-signal-handler)"
-    if flags[1] > 0:
-        return f"--exit-duration-in-mins {tr.exit_duration_in_mins} reached"
-    if tr.exit_interval and iteration % tr.exit_interval == 0:
-        return f"--exit-interval {tr.exit_interval}"
-    return None
+    if not tr.load:
+        return checkpointing.ResumeState()
+    state = checkpointing.load_checkpoint(engine, tr.load, cfg, layout, task.shape_config)
+    if state is None:
+        print_rank0(f"> no checkpoint in --load {tr.load}; starting from scratch")
+        return checkpointing.ResumeState()
+    if state.consumed_train_samples > state.iteration * tr.global_batch_size:
+        raise checkpointing.CheckpointError(
+            f"{tr.load} consumed {state.consumed_train_samples} samples in {state.iteration} "
+            f"iterations; --global-batch-size {tr.global_batch_size} does not match (use the "
+            "checkpoint's global batch, or --finetune)")
+    print_rank0(f"> resumed from {tr.load} at iteration {state.iteration}")
+    return state
 
 
 def _maybe_profiler(cfg: Config):
@@ -430,39 +504,3 @@ def _maybe_profiler(cfg: Config):
         on_trace_ready=torch.profiler.tensorboard_trace_handler(out))
     prof.start()
     return prof
-
-
-def _is_comm_failure(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, getattr(dist, "DistError", ())) or any(
-        k in text for k in ("gloo", "nccl", "timed out", "connection closed", "connection reset",
-                            "broken pipe"))
-
-
-def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Entry-point wrapper: one-line errors (no traceback unless --debug), clean shutdown.
-
-    A failed collective (a peer rank died, or stalled past --distributed-timeout-minutes) ends
-    this rank at once with exit code 3, so no rank hangs on a dead job.
-    """
-    debug = "--debug" in (argv if argv is not None else sys.argv)
-    try:
-        main(argv)
-        shutdown()
-    except (ConfigError, checkpointing.CheckpointError, TrainingError, ValueError,
-            FileNotFoundError, CheckpointLoadError) as e:
-        if debug:
-            raise
-        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
-        print(f"error: {rank}{e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except Exception as e:
-        if not _is_comm_failure(e):
-            raise
-        if debug:
-            traceback.print_exc()
-        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {rank}collective communication failed: {first} (a peer rank died or "
-              "stalled past --distributed-timeout-minutes)", file=sys.stderr, flush=True)
-        os._exit(3)

@@ -1,0 +1,51 @@
+"""Entry-point wrapper of the training scripts: one-line errors, exit codes, clean shutdown."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from megatron_selfroute.config import ConfigError
+from megatron_selfroute.parallel.engine import CheckpointLoadError
+from megatron_selfroute.parallel.groups import shutdown
+from megatron_selfroute.training import checkpointing
+from megatron_selfroute.training.faults import TrainingError
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        k in text for k in ("gloo", "nccl", "timed out", "connection closed", "connection reset",
+                            "broken pipe"))
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Entry-point wrapper: one-line errors (no traceback unless --debug), clean shutdown.
+
+    A failed collective (a peer rank died, or stalled past --distributed-timeout-minutes) ends
+    this rank at once with exit code 3, so no rank hangs on a dead job.
+    """
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        main(argv)
+        shutdown()
+    except (ConfigError, checkpointing.CheckpointError, TrainingError, ValueError,
+            FileNotFoundError, CheckpointLoadError) as e:
+        if debug:
+            raise
+        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        print(f"error: {rank}{e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except Exception as e:
+        if not _is_comm_failure(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {rank}collective communication failed: {first} (a peer rank died or "
+              "stalled past --distributed-timeout-minutes)", file=sys.stderr, flush=True)
+        os._exit(3)
