@@ -8,66 +8,34 @@ expert ids. Reading merges them into one layout-free state dict (the one-process
 writing does the reverse for any expert-parallel size, since DeepSpeed's expert files do not
 depend on it: only `run_state.json` (config, world size) and `dp_world_size` change.
 
-Every pickle is opened with `torch.load(weights_only=True)` and the allow-list of
-`parallel/engine.py::safe_globals`; anything else is refused without being executed.
+Every pickle is opened by `safe_load.py` (`torch.load(weights_only=True)` and an allow-list);
+anything else is refused without being executed.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
-from typing import Any
 
-import numpy as np
 import torch
 
-from megatron_selfroute.checkpoint import CheckpointFormatError
+from megatron_selfroute.checkpoint import CheckpointFormatError, rng
+from megatron_selfroute.checkpoint.files import (
+    MODEL_STATES,
+    RUN_STATE,
+    expert_file,
+    is_save_or_tag_dir,
+    resolve_tag_dir,
+    rng_file,
+    tag_for,
+    write_pointer,
+)
+from megatron_selfroute.checkpoint.safe_load import safe_load
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.gpt import GPTModel
 from megatron_selfroute.seeding import mix_seed
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-RUN_STATE = "run_state.json"
-POINTER = "latest_checkpointed_iteration.txt"  # same name as training/checkpointing.py
 EXPERT_MARK = ".deepspeed_moe.experts.deepspeed_experts."
-
-
-def safe_load(path: str) -> Any:
-    """torch.load with weights_only=True and the project's allow-list; one-line refusal."""
-    from megatron_selfroute.parallel.engine import safe_globals
-
-    if not os.path.isfile(path):
-        raise CheckpointFormatError(f"{path}: file not found")
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unsafe or corrupt: never fall back to a full unpickle
-        text = str(e).strip()
-        first = text.splitlines()[0] if text else type(e).__name__
-        raise CheckpointFormatError(f"{path}: refused to load ({first})") from None
-
-
-def is_deepspeed_checkpoint(path: str) -> bool:
-    """True for a tag directory or a `--save` directory with a pointer file."""
-    return os.path.isfile(os.path.join(path, MODEL_STATES)) or os.path.isfile(
-        os.path.join(path, POINTER))
-
-
-def resolve_tag_dir(path: str) -> str:
-    """The tag directory of `path` (itself, or the one its pointer file names)."""
-    if os.path.isfile(os.path.join(path, MODEL_STATES)):
-        return path
-    pointer = os.path.join(path, POINTER)
-    if not os.path.isfile(pointer):
-        raise CheckpointFormatError(f"{path}: neither a tag directory ({MODEL_STATES}) nor a "
-                                    f"save directory ({POINTER})")
-    with open(pointer) as f:
-        tag = f.read().strip()
-    tag_dir = os.path.join(path, tag)
-    if (not tag or "/" in tag or tag in (".", "..")
-            or not os.path.isfile(os.path.join(tag_dir, MODEL_STATES))):
-        raise CheckpointFormatError(f"{pointer} names {tag!r}, which holds no {MODEL_STATES}")
-    return tag_dir
+is_deepspeed_checkpoint = is_save_or_tag_dir
 
 
 def _run_state(tag_dir: str) -> dict:
@@ -103,7 +71,7 @@ def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
     sd = {k: v for k, v in main["module"].items() if EXPERT_MARK not in k}
     for moe_idx, block in enumerate(moe_blocks(cfg)):
         for expert in range(cfg.moe.num_experts):
-            name = f"layer_{moe_idx}_expert_{expert}_{MODEL_STATES}"
+            name = expert_file(moe_idx, expert)
             part = safe_load(os.path.join(tag_dir, name))
             prefix = f"transformer.h.{block}.mlp{EXPERT_MARK}{expert}."
             if not isinstance(part, dict) or not part or any(
@@ -115,17 +83,6 @@ def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
     meta = {"iteration": int(state.get("iteration", 0)),
             "consumed_train_samples": int(state.get("consumed_train_samples", 0))}
     return {k: v.detach().contiguous() for k, v in sd.items()}, cfg, meta
-
-
-def _fresh_rng_state(seed: int) -> dict:
-    """RNG states in `training/checkpointing.py`'s format, seeded (not the source run's)."""
-    np_state = np.random.RandomState(seed % 2**32).get_state()
-    return {
-        "torch": torch.Generator().manual_seed(seed).get_state(),
-        "python": random.Random(seed).getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                  int(np_state[2]), int(np_state[3]), float(np_state[4])),
-    }
 
 
 def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
@@ -145,8 +102,6 @@ def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
     if world_size % ep_size:
         raise CheckpointFormatError(f"--world-size {world_size} is not a multiple of "
                                     f"--expert-model-parallel-size {ep_size}")
-    from megatron_selfroute.training.checkpointing import tag_for
-
     cfg = Config.from_dict(cfg.to_dict())
     cfg.parallel.expert_model_parallel_size = ep_size
     iteration = int(meta.get("iteration", 0))
@@ -171,17 +126,15 @@ def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
         for expert in range(num_experts):
             prefix = f"transformer.h.{block}.mlp{EXPERT_MARK}{expert}."
             part = {k: v for k, v in full.items() if k.startswith(prefix)}
-            torch.save(part, os.path.join(tag_dir, f"layer_{moe_idx}_expert_{expert}_"
-                                                   f"{MODEL_STATES}"))
+            torch.save(part, os.path.join(tag_dir, expert_file(moe_idx, expert)))
     for rank in range(world_size):
-        torch.save(_fresh_rng_state(mix_seed(cfg.train.seed, iteration, rank)),
-                   os.path.join(tag_dir, f"rng_state_rank{rank}.pt"))
+        torch.save(rng.seeded(mix_seed(cfg.train.seed, iteration, rank)),
+                   os.path.join(tag_dir, rng_file(rank)))
     with open(os.path.join(tag_dir, RUN_STATE), "w") as f:
         json.dump({"iteration": iteration,
                    "consumed_train_samples": int(meta.get("consumed_train_samples", 0)),
                    "world_size": world_size, "config": cfg.to_dict()}, f, indent=1)
-    with open(os.path.join(out_dir, POINTER), "w") as f:
-        f.write(tag + "\n")
+    write_pointer(out_dir, tag)
     return tag_dir
 
 

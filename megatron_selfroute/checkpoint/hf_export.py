@@ -21,7 +21,8 @@ from torch import Tensor
 
 from megatron_selfroute.checkpoint import CheckpointFormatError
 from megatron_selfroute.checkpoint.consolidated import Checkpoint, build_model
-from megatron_selfroute.checkpoint.deepspeed_io import EXPERT_MARK, safe_load
+from megatron_selfroute.checkpoint.deepspeed_io import EXPERT_MARK
+from megatron_selfroute.checkpoint.safe_load import safe_load
 from megatron_selfroute.config import Config
 from megatron_selfroute.models.hf_gpt2 import from_hf_state_dict, to_hf_state_dict
 from megatron_selfroute.moe.router import ROUTERS

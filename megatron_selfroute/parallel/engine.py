@@ -1,6 +1,6 @@
 """DeepSpeed engine set-up: the JSON config from flags (merged with a user file), the optimizer
-(a torch AdamW over DeepSpeed's MoE parameter groups; no weight decay on biases and norms), and a
-checkpoint engine that loads with `torch.load(weights_only=True)`.
+(a torch AdamW over DeepSpeed's MoE parameter groups; no weight decay on biases and norms), the
+layout as DeepSpeed's mpu, and a checkpoint engine that loads through `checkpoint/safe_load.py`.
 """
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_selfroute.checkpoint import CheckpointLoadError  # noqa: F401  (re-exported)
+from megatron_selfroute.checkpoint.safe_load import (  # noqa: F401  (safe_globals re-exported)
+    SafeCheckpointEngine,
+    safe_globals,
+)
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.parallel.layout import ParallelLayout
@@ -180,59 +185,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                            config=deepspeed_config(cfg, layout, extra_ds),
                                            mpu=layout, dist_init_required=False)
-    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)  # safe loads
     engine.own_clipping = _own_clipping(cfg)
     return engine
-
-
-def safe_globals() -> list:
-    """Types a DeepSpeed checkpoint of this project really holds, beyond tensors and containers."""
-    import argparse
-    import collections
-
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [argparse.Namespace, collections.OrderedDict, ZeroStageEnum, fragment_address,
-               torch.Size]
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        allowed += [LossScaler, DynamicLossScaler]
-    except ImportError:  # pragma: no cover - depends on DeepSpeed version
-        pass
-    return allowed
-
-
-class SafeCheckpointEngine:
-    """Wraps DeepSpeed's checkpoint engine; loads with weights_only=True and an allow-list."""
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(safe_globals()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # an unsafe or corrupt file: refuse with a one-line reason
-            raise CheckpointLoadError(f"{path}: refused to load ({describe_load_error(e)})"
-                                      ) from None
-
-
-def describe_load_error(e: BaseException) -> str:
-    """One line saying why torch.load(weights_only=True) refused a file."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    if lines[0].startswith("Weights only load failed"):
-        detail = [ln for ln in lines[1:]
-                  if not ln.startswith(("Please file an issue", "Check the documentation"))]
-        return "weights_only=True rejected it: " + (detail[0] if detail else "unsupported data")
-    return lines[0]
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint file that is missing, corrupt, or holds objects outside the allow-list."""

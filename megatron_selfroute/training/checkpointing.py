@@ -17,20 +17,28 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_selfroute.checkpoint import CheckpointError, CheckpointLoadError
+from megatron_selfroute.checkpoint import rng as rng_codec
+from megatron_selfroute.checkpoint.files import (
+    RUN_STATE,
+    read_pointer,
+    rng_file,
+    tag_for,
+    write_pointer,
+)
+from megatron_selfroute.checkpoint.safe_load import safe_load
 from megatron_selfroute.config import Config
-from megatron_selfroute.parallel.engine import CheckpointLoadError
 from megatron_selfroute.parallel.layout import ParallelLayout
 
-POINTER = "latest_checkpointed_iteration.txt"
+__all__ = ["CheckpointError", "ResumeState", "check_compatible", "load_checkpoint",
+           "read_pointer", "save_checkpoint", "tag_for"]
 
 # Fields whose change makes a checkpoint incompatible (shape or routing semantics).
 _MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -40,10 +48,6 @@ _MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
 _MOE_KEYS = ("num_experts", "router_type", "moe_ffn_hidden_size", "moe_layer_freq")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run (one-line reason)."""
-
-
 @dataclass
 class ResumeState:
     """Where training continues."""
@@ -51,52 +55,6 @@ class ResumeState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_steps: int = 0
-
-
-def tag_for(iteration: int) -> str:
-    """Directory name of the checkpoint at `iteration`."""
-    return f"iter_{iteration:07d}"
-
-
-def read_pointer(load_dir: str) -> Optional[str]:
-    """Tag named by the pointer file, or None when the directory holds no checkpoint."""
-    path = os.path.join(load_dir, POINTER)
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    if not tag or "/" in tag or not os.path.isdir(os.path.join(load_dir, tag)):
-        raise CheckpointError(f"{path} names {tag!r}, which is not a checkpoint directory")
-    return tag
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
@@ -112,7 +70,7 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
             shutil.rmtree(tmp_path)
     dist.barrier()
     engine.save_checkpoint(save_dir, tag=tmp, client_state={}, save_latest=False)
-    torch.save(_rng_state(), os.path.join(tmp_path, f"rng_state_rank{rank}.pt"))
+    torch.save(rng_codec.capture(), os.path.join(tmp_path, rng_file(rank)))
     if rank == 0:
         run_state = {"iteration": state.iteration,
                      "consumed_train_samples": state.consumed_train_samples,
@@ -120,7 +78,7 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
                      "world_size": layout.world_size, "layout": layout.describe(),
                      "config": cfg.to_dict(),
                      "shape_config": shape_config or {}}
-        with open(os.path.join(tmp_path, "run_state.json"), "w") as f:
+        with open(os.path.join(tmp_path, RUN_STATE), "w") as f:
             json.dump(run_state, f, indent=1)
     dist.barrier()
     if rank == 0:
@@ -129,13 +87,7 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
         if os.path.exists(final_path):
             os.replace(final_path, old)
         os.replace(tmp_path, final_path)
-        pointer_tmp = os.path.join(save_dir, POINTER + ".tmp")
-        with open(pointer_tmp, "w") as f:
-            f.write(final + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, os.path.join(save_dir, POINTER))
-        _fsync_dir(save_dir)
+        write_pointer(save_dir, final)
         if os.path.exists(old):
             shutil.rmtree(old)
     dist.barrier()
@@ -171,10 +123,10 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
         return None
     path = os.path.join(load_dir, tag)
     try:
-        with open(os.path.join(path, "run_state.json")) as f:
+        with open(os.path.join(path, RUN_STATE)) as f:
             run_state = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}/run_state.json: not a checkpoint of this project ({e})"
+        raise CheckpointError(f"{path}/{RUN_STATE}: not a checkpoint of this project ({e})"
                               ) from None
     check_compatible(run_state["config"], cfg, path)
     for key, new in (shape_config or {}).items():
@@ -205,9 +157,9 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
     if tr.finetune:
         return ResumeState(0, 0)
     if not tr.no_load_rng:
-        rng_file = os.path.join(path, f"rng_state_rank{layout.rank}.pt")
-        if not os.path.isfile(rng_file):
-            raise CheckpointError(f"{rng_file} is missing (use --no-load-rng to skip)")
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        rng_path = os.path.join(path, rng_file(layout.rank))
+        if not os.path.isfile(rng_path):
+            raise CheckpointError(f"{rng_path} is missing (use --no-load-rng to skip)")
+        rng_codec.restore(safe_load(rng_path))
     return ResumeState(run_state["iteration"], run_state["consumed_train_samples"],
                        run_state.get("skipped_steps", 0))

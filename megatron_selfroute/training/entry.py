@@ -8,10 +8,9 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from megatron_selfroute.checkpoint import CheckpointError
 from megatron_selfroute.config import ConfigError
-from megatron_selfroute.parallel.engine import CheckpointLoadError
 from megatron_selfroute.parallel.groups import shutdown
-from megatron_selfroute.training import checkpointing
 from megatron_selfroute.training.faults import TrainingError
 
 
@@ -32,8 +31,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     try:
         main(argv)
         shutdown()
-    except (ConfigError, checkpointing.CheckpointError, TrainingError, ValueError,
-            FileNotFoundError, CheckpointLoadError) as e:
+    except (ConfigError, CheckpointError, TrainingError, ValueError, FileNotFoundError) as e:
         if debug:
             raise
         rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""

@@ -1,0 +1,39 @@
+"""Every rank's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, ints,
+floats, strings, tuples): torch, Python's `random`, numpy, and CUDA when present."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def _encode_numpy(np_state: tuple) -> tuple:
+    return (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+            int(np_state[3]), float(np_state[4]))
+
+
+def capture() -> dict:
+    """This process's generator states."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _encode_numpy(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(state: dict) -> None:
+    """Inverse of `capture`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seeded(seed: int) -> dict:
+    """States in `capture`'s format freshly seeded with `seed` (for converted checkpoints)."""
+    return {"torch": torch.Generator().manual_seed(seed).get_state(),
+            "python": random.Random(seed).getstate(),
+            "numpy": _encode_numpy(np.random.RandomState(seed % 2**32).get_state())}

@@ -1,0 +1,68 @@
+"""The one way this project opens a pickle: `torch.load(weights_only=True)` with the allow-list
+of types a DeepSpeed checkpoint of this project really holds; anything else is refused with a one-
+line reason and never executed (also inside DeepSpeed's own loading, through
+`SafeCheckpointEngine`)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from megatron_selfroute.checkpoint import CheckpointLoadError
+
+
+def safe_globals() -> list:
+    """Types a DeepSpeed checkpoint of this project really holds, beyond tensors and containers."""
+    import argparse
+    import collections
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [argparse.Namespace, collections.OrderedDict, ZeroStageEnum, fragment_address,
+               torch.Size]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover - depends on DeepSpeed version
+        pass
+    return allowed
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line saying why torch.load(weights_only=True) refused a file."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Weights only load failed"):
+        detail = [ln for ln in lines[1:]
+                  if not ln.startswith(("Please file an issue", "Check the documentation"))]
+        return "weights_only=True rejected it: " + (detail[0] if detail else "unsupported data")
+    return lines[0]
+
+
+def safe_load(path: str, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True and the allow-list; CheckpointLoadError otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointLoadError(f"{path}: file not found")
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unsafe or corrupt: never fall back to a full unpickle
+        raise CheckpointLoadError(f"{path}: refused to load ({describe_load_error(e)})"
+                                  ) from None
+
+
+class SafeCheckpointEngine:
+    """Wraps DeepSpeed's checkpoint engine so every file it loads goes through `safe_load`."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location)
