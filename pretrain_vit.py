@@ -254,6 +254,7 @@ def make_task(cfg: Config, ns: argparse.Namespace, layout: ParallelLayout) -> Ta
         make_train_loader=make_train_loader,
         after_step=after_step if ns.model_ema else None,
         report_perplexity=False,
+        family="vit",
         shape_config={"img_size": vit.img_size, "patch_size": vit.patch_size,
                       "num_classes": vit.num_classes, "model_ema": bool(ns.model_ema)},
     )

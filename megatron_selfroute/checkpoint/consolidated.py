@@ -13,12 +13,12 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from megatron_selfroute.checkpoint import CheckpointFormatError
+from megatron_selfroute.checkpoint.adapters import FAMILIES, family_of
 from megatron_selfroute.config import Config
-from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
-from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.models.gpt import GPTModel
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -31,6 +31,8 @@ class Checkpoint:
     state_dict: dict[str, Tensor]
     cfg: Config
     meta: dict = field(default_factory=dict)  # iteration, consumed_train_samples
+    family: str = "gpt"  # adapters.FAMILIES
+    shape: dict = field(default_factory=dict)  # a ViT's image shape_config
 
 
 def _read_json(path: str) -> dict:
@@ -51,7 +53,7 @@ def is_consolidated(path: str) -> bool:
 def canonical(ckpt: Checkpoint) -> dict[str, Tensor]:
     """The stored form: contiguous tensors, a tied output layer not duplicated."""
     sd = dict(ckpt.state_dict)
-    if not ckpt.cfg.model.untie_embeddings_and_output_weights:
+    if FAMILIES[ckpt.family].tied_output(ckpt.cfg):
         sd.pop("lm_head.weight", None)
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
@@ -65,8 +67,11 @@ def save_consolidated(ckpt: Checkpoint, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     meta = {"format": "pt", **{k: str(v) for k, v in ckpt.meta.items()}}
     save_file(canonical(ckpt), os.path.join(out_dir, WEIGHTS), metadata=meta)
+    record = cfg.to_dict()
+    if ckpt.family != "gpt":  # top-level keys Config.from_dict ignores
+        record.update(model_family=ckpt.family, shape_config=ckpt.shape)
     with open(os.path.join(out_dir, CONFIG), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+        json.dump(record, f, indent=1)
 
 
 def read_consolidated(path: str) -> Checkpoint:
@@ -81,13 +86,15 @@ def read_consolidated(path: str) -> Checkpoint:
             header = f.metadata() or {}
     except Exception as e:  # a truncated or foreign file: one line naming it
         raise CheckpointFormatError(f"{weights}: not a safetensors file ({e})") from None
+    record = _read_json(os.path.join(path, CONFIG))
     try:
-        cfg = Config.from_dict(_read_json(os.path.join(path, CONFIG)))
+        cfg = Config.from_dict(record)
+        family = family_of(record)
     except (TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{path}/{CONFIG}: {e}") from None
     meta = {k: int(v) for k, v in header.items()
             if k in ("iteration", "consumed_train_samples")}
-    return Checkpoint(sd, cfg, meta)
+    return Checkpoint(sd, cfg, meta, family.name, dict(record.get("shape_config") or {}))
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -99,7 +106,8 @@ def load_checkpoint(path: str) -> Checkpoint:
     if is_consolidated(path):
         return read_consolidated(path)
     if deepspeed_io.is_deepspeed_checkpoint(path):
-        return Checkpoint(*deepspeed_io.read_deepspeed(path))
+        sd, cfg, meta, family, shape = deepspeed_io.read_deepspeed(path)
+        return Checkpoint(sd, cfg, meta, family, shape)
     if hf_export.is_hf_checkpoint(path):
         return hf_export.import_hf(path)
     raise CheckpointFormatError(f"{path}: not a consolidated, DeepSpeed or Hugging Face "
@@ -116,13 +124,15 @@ def eval_config(cfg: Config) -> Config:
     return cfg
 
 
-def build_model(ckpt: Checkpoint, source: str, dropless: bool = True) -> GPTModel:
-    """A `GPTModel` (one process) holding exactly the checkpoint's weights, in eval mode."""
+def build_model(ckpt: Checkpoint, source: str, dropless: bool = True) -> nn.Module:
+    """The checkpoint family's one-process model (a `GPTModel`, or a `VisionTransformer`)
+    holding exactly the checkpoint's weights, in eval mode."""
     cfg = eval_config(ckpt.cfg) if dropless else ckpt.cfg
-    model = parallelize_gpt(GPTModel(cfg, init=False), ParallelLayout.single(cfg), init=False)
+    family = FAMILIES[ckpt.family]
+    model = family.build(cfg, ckpt.shape)
     want = model.state_dict()
     sd = dict(ckpt.state_dict)
-    if not cfg.model.untie_embeddings_and_output_weights and "transformer.wte.weight" in sd:
+    if family.tied_output(cfg) and "transformer.wte.weight" in sd:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
@@ -144,5 +154,7 @@ def load_model(path: str, device: str | torch.device = "cpu",
     `dropless` (default) removes the expert capacity so evaluation never drops tokens.
     """
     ckpt = load_checkpoint(path)
+    if ckpt.family != "gpt":
+        raise CheckpointFormatError(f"{path}: a {ckpt.family} checkpoint, not a language model")
     model = build_model(ckpt, path, dropless)
     return model.to(device), model.cfg

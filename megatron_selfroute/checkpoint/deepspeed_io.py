@@ -4,7 +4,7 @@ A tag directory written by `training/checkpointing.py` (any data/expert-parallel
 holds the full non-expert state in `mp_rank_00_model_states.pt` (key `module`; ZeRO 1/2 keep whole
 parameters on every rank, only optimizer states are partitioned) and one file per (MoE layer,
 global expert), `layer_{l}_expert_{e}_mp_rank_00_model_states.pt`, whose keys already use global
-expert ids. Reading merges them into one layout-free state dict (the one-process `GPTModel` names);
+expert ids. Reading merges them into one layout-free state dict (the one-process model's names);
 writing does the reverse for any expert-parallel size, since DeepSpeed's expert files do not
 depend on it: only `run_state.json` (config, world size) and `dp_world_size` change.
 
@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
+from torch import nn
 
 from megatron_selfroute.checkpoint import CheckpointFormatError, rng
+from megatron_selfroute.checkpoint.adapters import EXPERT_MARK, FAMILIES, family_of
 from megatron_selfroute.checkpoint.files import (
     MODEL_STATES,
     RUN_STATE,
@@ -31,10 +34,8 @@ from megatron_selfroute.checkpoint.files import (
 )
 from megatron_selfroute.checkpoint.safe_load import safe_load
 from megatron_selfroute.config import Config
-from megatron_selfroute.models.gpt import GPTModel
 from megatron_selfroute.seeding import mix_seed
 
-EXPERT_MARK = ".deepspeed_moe.experts.deepspeed_experts."
 is_deepspeed_checkpoint = is_save_or_tag_dir
 
 
@@ -54,8 +55,9 @@ def moe_blocks(cfg: Config) -> list[int]:
     return [i for i, v in enumerate(cfg.moe.layer_pattern(cfg.model.num_layers)) if v]
 
 
-def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
-    """(state dict with global expert ids, config, {iteration, consumed_train_samples})."""
+def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict, str, dict]:
+    """(state dict with global expert ids, config, {iteration, consumed_train_samples}, model
+    family, its shape_config)."""
     tag_dir = resolve_tag_dir(path)
     if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt")
            for n in os.listdir(tag_dir)):
@@ -68,30 +70,34 @@ def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
     main = safe_load(os.path.join(tag_dir, MODEL_STATES))
     if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
         raise CheckpointFormatError(f"{tag_dir}/{MODEL_STATES}: no 'module' state dict")
+    family = family_of(state)
     sd = {k: v for k, v in main["module"].items() if EXPERT_MARK not in k}
     for moe_idx, block in enumerate(moe_blocks(cfg)):
         for expert in range(cfg.moe.num_experts):
             name = expert_file(moe_idx, expert)
             part = safe_load(os.path.join(tag_dir, name))
-            prefix = f"transformer.h.{block}.mlp{EXPERT_MARK}{expert}."
+            prefix = family.expert_prefix(block, expert)
             if not isinstance(part, dict) or not part or any(
                     not k.startswith(prefix) for k in part):
                 raise CheckpointFormatError(f"{tag_dir}/{name}: expected only {prefix}* tensors")
             sd.update(part)
-    if not cfg.model.untie_embeddings_and_output_weights:
+    if family.tied_output(cfg):
         sd.pop("lm_head.weight", None)
     meta = {"iteration": int(state.get("iteration", 0)),
             "consumed_train_samples": int(state.get("consumed_train_samples", 0))}
-    return {k: v.detach().contiguous() for k, v in sd.items()}, cfg, meta
+    return ({k: v.detach().contiguous() for k, v in sd.items()}, cfg, meta, family.name,
+            dict(state.get("shape_config") or {}))
 
 
-def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
-                    world_size: int, meta: dict) -> str:
+def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
+                    world_size: int, meta: dict, family: str = "gpt",
+                    shape_config: Optional[dict] = None) -> str:
     """Write `model` (one process, every expert) as a checkpoint for expert-parallel size
     `ep_size`.
 
     Model weights only: the file set `engine.load_checkpoint(load_module_only=True)` reads
-    (`pretrain_gpt.py --load DIR --no-load-optim` or `--finetune`). Optimizer states are not
+    (`pretrain_gpt.py`/`pretrain_vit.py --load DIR --no-load-optim` or `--finetune`; `family`
+    and `shape_config` are what the ViT trainer checks on resume). Optimizer states are not
     written (ZeRO partitions depend on the layout and cannot be re-sharded here); RNG files are
     fresh seeded states for `world_size` ranks. Returns the tag directory.
     """
@@ -120,11 +126,11 @@ def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
         "dp_world_size": world_size, "mp_world_size": 1,
         "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
         "ds_config": None, "ds_version": _deepspeed_version(),
-        "num_experts": [num_experts] * len(model.moe_layers), "ds_autoep_layers": None,
+        "num_experts": [num_experts] * len(moe_blocks(cfg)), "ds_autoep_layers": None,
     }, os.path.join(tag_dir, MODEL_STATES))
     for moe_idx, block in enumerate(moe_blocks(cfg)):
         for expert in range(num_experts):
-            prefix = f"transformer.h.{block}.mlp{EXPERT_MARK}{expert}."
+            prefix = FAMILIES[family].expert_prefix(block, expert)
             part = {k: v for k, v in full.items() if k.startswith(prefix)}
             torch.save(part, os.path.join(tag_dir, expert_file(moe_idx, expert)))
     for rank in range(world_size):
@@ -133,7 +139,8 @@ def write_deepspeed(model: GPTModel, cfg: Config, out_dir: str, ep_size: int,
     with open(os.path.join(tag_dir, RUN_STATE), "w") as f:
         json.dump({"iteration": iteration,
                    "consumed_train_samples": int(meta.get("consumed_train_samples", 0)),
-                   "world_size": world_size, "config": cfg.to_dict()}, f, indent=1)
+                   "world_size": world_size, "model_family": family,
+                   "shape_config": shape_config or {}, "config": cfg.to_dict()}, f, indent=1)
     write_pointer(out_dir, tag)
     return tag_dir
 

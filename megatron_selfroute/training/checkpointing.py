@@ -58,7 +58,8 @@ class ResumeState:
 
 
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
-                    layout: ParallelLayout, shape_config: Optional[dict] = None) -> str:
+                    layout: ParallelLayout, shape_config: Optional[dict] = None,
+                    family: str = "gpt") -> str:
     """Save atomically; returns the final directory. Called by every rank."""
     rank = layout.rank
     final = tag_for(state.iteration)
@@ -77,7 +78,7 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
                      "skipped_steps": state.skipped_steps,
                      "world_size": layout.world_size, "layout": layout.describe(),
                      "config": cfg.to_dict(),
-                     "shape_config": shape_config or {}}
+                     "shape_config": shape_config or {}, "model_family": family}
         with open(os.path.join(tmp_path, RUN_STATE), "w") as f:
             json.dump(run_state, f, indent=1)
     dist.barrier()

@@ -407,7 +407,7 @@ class Trainer:
     def save(self) -> None:
         self.last_saved = checkpointing.save_checkpoint(self.engine, self.cfg.train.save,
                                                         self.cfg, self.state, self.layout,
-                                                        self.task.shape_config)
+                                                        self.task.shape_config, self.task.family)
         print_rank0(f"> saved checkpoint {self.last_saved}")
 
     def _exit_reason(self) -> Optional[str]:

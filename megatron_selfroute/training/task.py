@@ -37,6 +37,8 @@ class Task:
     # Settings outside Config that fix the model's shape (e.g. image and patch size): saved with
     # every checkpoint and compared on resume.
     shape_config: dict = field(default_factory=dict)
+    # The model family (checkpoint/adapters.py) the converters rebuild it as.
+    family: str = "gpt"
 
 
 @dataclass

@@ -28,6 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megatron_selfroute.checkpoint import CheckpointFormatError  # noqa: E402
+from megatron_selfroute.checkpoint.adapters import FAMILIES  # noqa: E402
 from megatron_selfroute.checkpoint.consolidated import (  # noqa: E402
     build_model,
     load_checkpoint,
@@ -59,6 +60,8 @@ def convert(args: argparse.Namespace) -> str:
     cfg = ckpt.cfg
     shape = (f"{cfg.moe.num_experts} experts, router {cfg.moe.router_type}" if cfg.moe.is_moe
              else "dense")
+    if ckpt.family != "gpt":
+        shape = f"{ckpt.family}, {shape}"
     if args.to == "consolidated":
         build_model(ckpt, args.input)  # validates names and shapes against the config
         save_consolidated(ckpt, args.output)
@@ -68,9 +71,14 @@ def convert(args: argparse.Namespace) -> str:
         ep = args.expert_model_parallel_size
         model = build_model(ckpt, args.input, dropless=False)
         os.makedirs(args.output, exist_ok=True)
-        tag_dir = write_deepspeed(model, cfg, args.output, ep, args.world_size or ep, ckpt.meta)
+        tag_dir = write_deepspeed(model, cfg, args.output, ep, args.world_size or ep, ckpt.meta,
+                                  ckpt.family, ckpt.shape)
         shape += f", EP={ep}, {os.path.basename(tag_dir)}, no optimizer state"
     else:
+        if not FAMILIES[ckpt.family].hf_export:
+            raise CheckpointFormatError(f"{args.input}: a {ckpt.family} checkpoint has no "
+                                        "Hugging Face export here (convert it to consolidated "
+                                        "or deepspeed)")
         from megatron_selfroute.checkpoint.hf_export import export_hf
 
         for note in export_hf(ckpt, args.output, args.input):
