@@ -23,7 +23,13 @@ import dataclasses
 import sys
 from typing import Any, Optional, Sequence
 
-from megatron_selfroute.config import SECTIONS, Config, ConfigError, parse_layer_freq
+from megatron_selfroute.config import (
+    EXTRA_SECTIONS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    parse_layer_freq,
+)
 from megatron_selfroute.parallel.layout import ParallelLayout, launch_world_size
 
 __all__ = ["ConfigError", "build_parser", "namespace_to_config", "parse_args", "validate"]
@@ -45,28 +51,39 @@ def _field_type(f: dataclasses.Field) -> tuple[Any, bool]:
     return _TYPES[t], False
 
 
+def add_section_arguments(parser: argparse.ArgumentParser, sec_name: str, sec_cls: type) -> None:
+    """One flag per field of a config dataclass, dest "section.field" (given flags only)."""
+    group = parser.add_argument_group(sec_name)
+    for f in dataclasses.fields(sec_cls):
+        meta = f.metadata
+        typ, is_bool = _field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{meta['help']} (default: {default})"
+        kw: dict[str, Any] = {"dest": f"{sec_name}.{f.name}", "default": argparse.SUPPRESS,
+                              "help": help_text}
+        if is_bool:
+            action = argparse.BooleanOptionalAction if meta.get("negatable") else "store_true"
+            group.add_argument(_flag(f.name), action=action, **kw)
+            continue
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        if "nargs" in meta:
+            kw["nargs"] = meta["nargs"]
+        group.add_argument(_flag(f.name), type=typ, **kw)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] = ()) -> None:
     """Add one flag per config field (all sections unless `sections` is given) plus aliases."""
     for sec_name, sec_cls in SECTIONS.items():
-        if sections and sec_name not in sections:
-            continue
-        group = parser.add_argument_group(sec_name)
-        for f in dataclasses.fields(sec_cls):
-            meta = f.metadata
-            typ, is_bool = _field_type(f)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f"{meta['help']} (default: {default})"
-            kw: dict[str, Any] = {"dest": f"{sec_name}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": help_text}
-            if is_bool:
-                group.add_argument(_flag(f.name), action="store_true", **kw)
-                continue
-            if "choices" in meta:
-                kw["choices"] = meta["choices"]
-            if "nargs" in meta:
-                kw["nargs"] = meta["nargs"]
-            group.add_argument(_flag(f.name), type=typ, **kw)
+        if not sections or sec_name in sections:
+            add_section_arguments(parser, sec_name, sec_cls)
     _add_aliases(parser)
+
+
+def section_from_namespace(ns: argparse.Namespace, sec_name: str, sec_cls: type) -> Any:
+    """The dataclass of one extra section: its defaults, then the flags given."""
+    given = {k.split(".", 1)[1]: v for k, v in vars(ns).items() if k.startswith(sec_name + ".")}
+    return sec_cls(**given)
 
 
 def _add_aliases(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +143,7 @@ def namespace_to_config(ns: argparse.Namespace, base: Optional[Config] = None) -
         sec, name = key.split(".", 1)
         if sec == "alias":
             aliases[name] = value
-        else:
+        elif sec in SECTIONS:  # extra sections (EXTRA_SECTIONS) are not part of Config
             given[(sec, name)] = value
     for dest, (sec, name, core, alias) in _SIMPLE_ALIASES.items():
         if dest in aliases:
@@ -162,12 +179,19 @@ def build_parser(description: str = "", sections: Sequence[str] = ()) -> argpars
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "",
-               extra: Optional[Any] = None) -> tuple[Config, argparse.Namespace]:
-    """Parse argv into a validated Config (plus the namespace for script-specific extras)."""
+               extra: Optional[Any] = None, sections: Sequence[str] = ()
+               ) -> tuple[Config, argparse.Namespace]:
+    """Parse argv into a validated Config, plus the namespace for script-specific extras; each
+    extra section named in `sections` (config.EXTRA_SECTIONS) gets its generated flags and is
+    returned as `ns.<section>`."""
     parser = build_parser(description)
+    for name in sections:
+        add_section_arguments(parser, name, EXTRA_SECTIONS[name])
     if extra is not None:
         extra(parser)
     ns = parser.parse_args(argv)
+    for name in sections:
+        setattr(ns, name, section_from_namespace(ns, name, EXTRA_SECTIONS[name]))
     cfg = namespace_to_config(ns)
     ns.explicit_flags = {k for k in vars(ns) if "." in k and not k.startswith("alias.")}
     ns.explicit_flags |= {f"{sec}.{name}" for dest, (sec, name, _, _) in _SIMPLE_ALIASES.items()

@@ -261,6 +261,53 @@ class DataConfig:
     num_workers: int = arg(1, "Data loader worker processes.")
 
 
+# DeiT presets (Touvron et al. 2021, Table 1): depth, width, heads; MLP 4x; patch 16 at 224.
+DEIT_PRESETS: dict[str, dict[str, int]] = {
+    "deit_tiny_patch16_224": dict(num_layers=12, hidden_size=192, num_attention_heads=3,
+                                  patch_size=16, img_size=224),
+    "deit_small_patch16_224": dict(num_layers=12, hidden_size=384, num_attention_heads=6,
+                                   patch_size=16, img_size=224),
+    "deit_base_patch16_224": dict(num_layers=12, hidden_size=768, num_attention_heads=12,
+                                  patch_size=16, img_size=224),
+}
+DEIT_EPOCHS = 300
+
+
+@dataclass
+class VisionConfig:
+    """The DeiT recipe of pretrain_vit.py (DeiT main.py's names, meanings and defaults); a
+    section of its own, parsed only by the vision script. `--lr` is the BASE rate for 512
+    images."""
+
+    model: Optional[str] = arg(
+        None, "DeiT preset (depth/width/heads/patch/img); explicit shape flags win.",
+        choices=sorted(DEIT_PRESETS))
+    img_size: Optional[int] = arg(None, "Input resolution (224).")
+    patch_size: Optional[int] = arg(None, "Patch size (16).")
+    num_classes: Optional[int] = arg(None, "Classes (default: from the dataset).")
+    batch_size: Optional[int] = arg(
+        None, "Images per process per micro-batch (= --micro-batch-size; DeiT 64).")
+    epochs: Optional[int] = arg(
+        None, f"Training epochs (DeiT {DEIT_EPOCHS}); excludes --train-iters.")
+    warmup_epochs: float = arg(5.0, "Linear LR warm-up epochs.")
+    no_lr_scale: bool = arg(False, "Use --lr as given instead of --lr x global batch / 512.")
+    mixup: float = arg(0.8, "Mixup alpha (0 = off).")
+    cutmix: float = arg(1.0, "CutMix alpha (0 = off).")
+    smoothing: float = arg(0.1, "Label smoothing.")
+    reprob: float = arg(0.25, "Random erasing probability.")
+    aa: str = arg("rand-m9-mstd0.5-inc1", "timm AutoAugment policy or none.")
+    drop_path: float = arg(0.1, "Stochastic depth rate.")
+    repeated_aug: bool = arg(
+        True, "Repeated augmentation (each image 3x per epoch on different GPUs).",
+        negatable=True)
+    model_ema: bool = arg(
+        False, "Keep an EMA of the weights (checkpointed) and evaluate it too.", negatable=True)
+    model_ema_decay: float = arg(0.99996, "EMA decay per step.")
+    hf_dataset: Optional[str] = arg(
+        None, "Hugging Face dataset (imagenet-1k, a save_to_disk dir, a local dataset) instead "
+        "of the ImageFolder --data-path.")
+
+
 @dataclass
 class Config:
     """The resolved configuration of a run (saved with every checkpoint)."""
@@ -292,3 +339,5 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
             "train": TrainConfig, "data": DataConfig}
+EXTRA_SECTIONS = {"vision": VisionConfig}
+"""Sections a script opts into (`parse_args(..., sections=("vision",))`); not part of Config."""

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_selfroute.config import Config, ModelConfig
+from megatron_selfroute.config import DEIT_PRESETS, Config, ModelConfig
 from megatron_selfroute.models.common import (
     build_blocks,
     layout_free_names,
@@ -47,15 +47,7 @@ from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
 from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.seeding import mix_seed
 
-# DeiT presets (Touvron et al. 2021, Table 1): depth, width, heads; MLP 4x; patch 16 at 224.
-PRESETS: dict[str, dict[str, int]] = {
-    "deit_tiny_patch16_224": dict(num_layers=12, hidden_size=192, num_attention_heads=3,
-                                  patch_size=16, img_size=224),
-    "deit_small_patch16_224": dict(num_layers=12, hidden_size=384, num_attention_heads=6,
-                                   patch_size=16, img_size=224),
-    "deit_base_patch16_224": dict(num_layers=12, hidden_size=768, num_attention_heads=12,
-                                  patch_size=16, img_size=224),
-}
+PRESETS = DEIT_PRESETS  # the DeiT shapes (config.py, where the --model flag reads them)
 
 
 @dataclass

@@ -3,11 +3,11 @@ the linear LR scaling, and one-line errors for bad combinations."""
 import pytest
 
 from megatron_selfroute.arguments import ConfigError, parse_args
-from pretrain_vit import add_deit_flags, resolve_model, resolve_schedule
+from pretrain_vit import resolve_model, resolve_schedule
 
 
 def resolve(argv, num_train=1_281_167, num_val=50_000, world=8):
-    cfg, ns = parse_args(argv, extra=add_deit_flags)
+    cfg, ns = parse_args(argv, sections=("vision",))
     resolve_model(cfg, ns)
     info = resolve_schedule(cfg, ns, num_train, num_val, world)
     return cfg, info

@@ -7,14 +7,14 @@ import torch
 from megatron_selfroute.arguments import parse_args
 from megatron_selfroute.models.vit import VisionTransformer, vit_flops_per_image
 from megatron_selfroute.moe.router import BUILTIN_ROUTERS
-from pretrain_vit import add_deit_flags, resolve_model
+from pretrain_vit import resolve_model
 
 TINY = ["--img-size", "32", "--patch-size", "8", "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--drop-path", "0"]
 
 
 def build(argv):
-    cfg, ns = parse_args(argv, extra=add_deit_flags)
+    cfg, ns = parse_args(argv, sections=("vision",))
     vit = resolve_model(cfg, ns)
     vit.num_classes = 4
     return cfg, vit
