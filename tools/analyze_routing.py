@@ -8,7 +8,8 @@ Runs every checkpoint (consolidated, DeepSpeed or Hugging Face export) over the 
 `--tokens` tokens of the Megatron dataset PREFIX (.bin/.idx) with dropless routing, and writes
 DIR/routing.json, DIR/routing.csv (per layer: normalised entropy, max and per-expert fractions),
 DIR/entropy.png and DIR/max_fraction.png (one line per checkpoint) and a layer x expert heat map
-per checkpoint; prints the mean normalised entropy and mean max-expert fraction of each.
+per checkpoint; prints the mean normalised entropy and mean max-expert fraction of each. ViT
+checkpoints read the validation images of an ImageFolder root (`--data-path ROOT`) instead.
 Errors are one line on stderr and exit 1 (`--debug` shows the traceback).
 """
 from __future__ import annotations
@@ -27,7 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", nargs="+", required=True, help="checkpoint directories")
-    p.add_argument("--data-path", required=True, help="dataset prefix (PREFIX.bin/.idx)")
+    p.add_argument("--data-path", required=True,
+                   help="dataset prefix (PREFIX.bin/.idx); for ViT checkpoints an ImageFolder "
+                        "root (its val/ images) or a Hugging Face image dataset")
     p.add_argument("--tokens", type=int, default=4_430_000, help="tokens to route")
     p.add_argument("--labels", nargs="+", default=None, help="a name per checkpoint")
     p.add_argument("--output-dir", required=True)

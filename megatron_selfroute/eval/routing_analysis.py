@@ -2,9 +2,11 @@
 
 Each checkpoint reads the first N tokens of a Megatron dataset (documents in file order,
 concatenated, cut into windows of the model's sequence length; the last window may be shorter)
-with dropless routing. Per MoE layer it counts routed token-slots per expert (k per token) and
-reports expert fractions, normalised entropy H / log E (1 = uniform) and the maximum expert
-fraction (`moe/stats.py`), then their means over layers. Outputs: JSON, CSV and PNG figures.
+with dropless routing; a ViT checkpoint reads the validation images of an image root instead
+(N tokens = patches + class token per image). Per MoE layer it counts routed token-slots per
+expert (k per token) and reports expert fractions, normalised entropy H / log E (1 = uniform)
+and the maximum expert fraction (`moe/stats.py`), then their means over layers. Outputs: JSON,
+CSV and PNG figures.
 """
 from __future__ import annotations
 
@@ -81,6 +83,35 @@ def count_routes(model: GPTModel, prefix: str, num_tokens: int, batch_size: int 
             batch = []
     if batch:
         run(batch)
+    bar.close()
+    return counts, dropped
+
+
+@torch.no_grad()
+def count_routes_images(model: torch.nn.Module, root: str, num_tokens: int,
+                        batch_size: int = 8, progress: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same counts for a ViT: the validation images of the ImageFolder root (or Hugging Face
+    dataset) `root`, in file order, through DeiT's evaluation transform, until `num_tokens`
+    tokens (patches + class token per image) were routed."""
+    from megatron_selfroute.data import vision
+
+    hf = not os.path.isdir(root)
+    source = vision.open_images(None if hf else root, root if hf else None, "val")
+    transform = vision.eval_transform(model.vit.img_size)
+    per_image = model.vit.num_tokens
+    n_images = min(len(source), -(-num_tokens // per_image))
+    device = next(model.parameters()).device
+    counts = dropped = None
+    bar = tqdm(total=n_images * per_image, unit="tok", disable=not progress, desc="routing")
+    for start in range(0, n_images, batch_size):
+        idx = range(start, min(start + batch_size, n_images))
+        images = torch.stack([transform(source.load(i)[0]) for i in idx]).to(device)
+        index = (torch.arange(len(idx), device=device).view(-1, 1) + start) * per_image
+        model(images, token_index=index + torch.arange(per_image, device=device))
+        c, d = (t.to("cpu", torch.int64) for t in model.routing_counts())
+        counts, dropped = (c, d) if counts is None else (counts + c, dropped + d)
+        bar.update(len(idx) * per_image)
     bar.close()
     return counts, dropped
 
@@ -174,17 +205,20 @@ def format_averages(results: list[dict]) -> str:
 
 def analyze(paths: list[str], prefix: str, num_tokens: int, labels: Optional[list[str]] = None,
             batch_size: int = 8, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Routing summaries of several checkpoints over the same tokens."""
-    from megatron_selfroute.checkpoint.consolidated import load_model
+    """Routing summaries of several checkpoints over the same tokens: `prefix` is a token
+    dataset for language models, an image root (or Hugging Face dataset) for ViTs."""
+    from megatron_selfroute.checkpoint.consolidated import build_model, load_checkpoint
 
     labels = labels or [os.path.basename(os.path.normpath(p)) for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"--labels has {len(labels)} names for {len(paths)} checkpoints")
     out = []
     for path, label in zip(paths, labels, strict=True):
-        model, _ = load_model(path, device)
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt, path).to(device)
         if not model.moe_layers:
             raise ValueError(f"{path}: the checkpoint has no MoE layers")
-        counts, dropped = count_routes(model, prefix, num_tokens, batch_size, progress)
+        count = count_routes_images if ckpt.family == "vit" else count_routes
+        counts, dropped = count(model, prefix, num_tokens, batch_size, progress)
         out.append(summarize(label, path, model, counts, dropped))
     return out

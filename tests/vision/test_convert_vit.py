@@ -55,3 +55,34 @@ def test_vit_checkpoint_converts_and_trains_like_the_original(tmp_path, image_ro
                            base + ["--load", str(tmp_path / "ep1")]])
     assert sorted(runs[0]["losses"]) == ["3", "4"]
     assert runs[0]["losses"] == runs[1]["losses"], runs
+
+
+def test_routing_analysis_of_a_vit_checkpoint(tmp_path, image_root):
+    """tools/analyze_routing.py on the ViT checkpoint counts what a hand computation from the
+    post-LayerNorm hidden states gives (self-routing: top-2 of the last 4 coordinates)."""
+    from megatron_selfroute.checkpoint.consolidated import build_model, load_checkpoint
+    from megatron_selfroute.data import vision
+
+    tokens = 12 * 17  # 12 of the 16 validation images, 4x4 patches + the class token each
+    run_tool("analyze_routing.py", "--load", str(ASSET), "--labels", "vit", "--data-path",
+             str(image_root), "--tokens", str(tokens), "--output-dir", str(tmp_path / "out"),
+             "--no-progress", "--batch-size", "5")
+    result = json.loads((tmp_path / "out" / "routing.json").read_text())[0]
+    model = build_model(load_checkpoint(str(ASSET)), str(ASSET))
+    seen = []
+    moe_blocks = [i for i, b in enumerate(model.blocks) if b.is_moe]
+    for i in moe_blocks:
+        model.blocks[i].ln_2.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    source = vision.open_images(str(image_root), None, "val")
+    transform = vision.eval_transform(32)
+    want = torch.zeros(len(moe_blocks), 4, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(tokens // 17):
+            seen.clear()
+            model(transform(source.load(i)[0]).unsqueeze(0))
+            for layer, h in enumerate(seen):
+                top = torch.topk(h.reshape(-1, 32)[:, -4:], 2, dim=-1).indices
+                want[layer] += torch.bincount(top.reshape(-1), minlength=4)
+    assert result["blocks"] == moe_blocks and result["tokens"] == tokens
+    assert result["counts"] == want.tolist()
+    assert (tmp_path / "out" / "entropy.png").is_file()
