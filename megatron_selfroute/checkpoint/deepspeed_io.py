@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from megatron_selfroute.checkpoint import CheckpointFormatError, rng
-from megatron_selfroute.checkpoint.adapters import EXPERT_MARK, FAMILIES, family_of
+from megatron_selfroute.checkpoint.adapters import EXPERT_MARK, family_of
 from megatron_selfroute.checkpoint.files import (
     MODEL_STATES,
     RUN_STATE,
@@ -113,26 +113,7 @@ def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
     iteration = int(meta.get("iteration", 0))
     tag = tag_for(iteration)
     tag_dir = os.path.join(out_dir, tag)
-    os.makedirs(tag_dir)
-    full = model.state_dict()
-    module = {k: v for k, v in full.items() if EXPERT_MARK not in k}
-    buffers = [n for n, _ in model.named_buffers() if n in module]
-    torch.save({
-        "module": module, "buffer_names": buffers, "optimizer": None, "param_shapes": None,
-        "frozen_param_shapes": None, "shared_params": None, "frozen_param_fragments": None,
-        "lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
-        "global_steps": iteration,
-        "global_samples": int(meta.get("consumed_train_samples", 0)),
-        "dp_world_size": world_size, "mp_world_size": 1,
-        "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
-        "ds_config": None, "ds_version": _deepspeed_version(),
-        "num_experts": [num_experts] * len(moe_blocks(cfg)), "ds_autoep_layers": None,
-    }, os.path.join(tag_dir, MODEL_STATES))
-    for moe_idx, block in enumerate(moe_blocks(cfg)):
-        for expert in range(num_experts):
-            prefix = FAMILIES[family].expert_prefix(block, expert)
-            part = {k: v for k, v in full.items() if k.startswith(prefix)}
-            torch.save(part, os.path.join(tag_dir, expert_file(moe_idx, expert)))
+    _save_with_deepspeed(model, cfg, out_dir, tag)
     for rank in range(world_size):
         torch.save(rng.seeded(mix_seed(cfg.train.seed, iteration, rank)),
                    os.path.join(tag_dir, rng_file(rank)))
@@ -145,7 +126,39 @@ def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
     return tag_dir
 
 
-def _deepspeed_version() -> str:
+def _save_with_deepspeed(model: nn.Module, cfg: Config, out_dir: str, tag: str) -> None:
+    """DeepSpeed writes the model files itself: a one-process engine (ZeRO-0, no optimizer)
+    saves `tag` (the non-expert `module` file and one file per global expert, which suit any
+    expert-parallel size for a module-only load). Runs in a private one-process gloo group when
+    none exists; the launcher variables it sets are removed afterwards."""
     import deepspeed
+    import torch.distributed as dist
 
-    return deepspeed.__version__
+    from megatron_selfroute.parallel.groups import shutdown
+    from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
+
+    saved_env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                "MASTER_ADDR", "MASTER_PORT")}
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        os.environ.pop("RANK", None)  # a one-process group on a free local port
+        init_distributed("gloo")
+    try:
+        if dist.get_world_size() != 1:
+            raise CheckpointFormatError("write_deepspeed runs in one process")
+        single = Config.from_dict(cfg.to_dict())
+        single.parallel.expert_model_parallel_size = 1
+        layout = ParallelLayout.single(single).build_groups()
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, mpu=layout, dist_init_required=False,
+            config={"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
+                    "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
+        engine.save_checkpoint(out_dir, tag=tag, client_state={}, save_latest=False)
+    finally:
+        if owns_group:
+            shutdown()
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
