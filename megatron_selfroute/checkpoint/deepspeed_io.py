@@ -6,7 +6,8 @@ parameters on every rank, only optimizer states are partitioned) and one file pe
 global expert), `layer_{l}_expert_{e}_mp_rank_00_model_states.pt`, whose keys already use global
 expert ids. Reading merges them into one layout-free state dict (the one-process model's names);
 writing does the reverse for any expert-parallel size, since DeepSpeed's expert files do not
-depend on it: only `run_state.json` (config, world size) and `dp_world_size` change.
+depend on it: DeepSpeed itself writes them through a one-process engine, and only
+`run_state.json` (config, world size, family) names the target layout.
 
 Every pickle is opened by `safe_load.py` (`torch.load(weights_only=True)` and an allow-list);
 anything else is refused without being executed.
