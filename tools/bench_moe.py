@@ -180,11 +180,11 @@ def volume_worker(rank: int, world: int, port: int, args, queue) -> None:
     gen = torch.Generator().manual_seed(10 + rank)
     x = torch.randn(args.tokens, args.hidden, generator=gen).to(args.device, args.dtype)
     out = []
+    cfg = Config()
+    cfg.moe.num_experts, cfg.parallel.expert_model_parallel_size = args.experts, world
+    layout = ParallelLayout.from_config(cfg).build_groups()
     for target in args.imbalance:
         for disp in args.dispatchers:
-            cfg = Config()
-            cfg.moe.num_experts, cfg.parallel.expert_model_parallel_size = args.experts, world
-            layout = ParallelLayout.from_config(cfg).build_groups()
             layer = build_layer(args, disp, "learned", layout)
             biased_router(layer, bias_for_max_fraction(layer, x.float(), target))
             sent = _count_sent_bytes(lambda lay=layer: lay(x))

@@ -128,38 +128,30 @@ def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
 
 
 def _save_with_deepspeed(model: nn.Module, cfg: Config, out_dir: str, tag: str) -> None:
-    """DeepSpeed writes the model files itself: a one-process engine (ZeRO-0, no optimizer)
-    saves `tag` (the non-expert `module` file and one file per global expert, which suit any
-    expert-parallel size for a module-only load). Runs in a private one-process gloo group when
-    none exists; the launcher variables it sets are removed afterwards."""
+    """DeepSpeed writes the model files itself: a one-process engine (ZeRO-0, no optimizer,
+    the model left on its device) saves `tag`: the non-expert `module` file and one file per
+    global expert, which suit any expert-parallel size for a module-only load."""
     import deepspeed
-    import torch.distributed as dist
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from megatron_selfroute.parallel.groups import shutdown
-    from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
+    from megatron_selfroute.parallel.layout import ParallelLayout, private_process_group
 
-    saved_env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
-                                                "MASTER_ADDR", "MASTER_PORT")}
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        os.environ.pop("RANK", None)  # a one-process group on a free local port
-        init_distributed("gloo")
-    try:
+    single = Config.from_dict(cfg.to_dict())
+    single.parallel.expert_model_parallel_size = 1
+    config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    with private_process_group():
+        import torch.distributed as dist
+
         if dist.get_world_size() != 1:
             raise CheckpointFormatError("write_deepspeed runs in one process")
-        single = Config.from_dict(cfg.to_dict())
-        single.parallel.expert_model_parallel_size = 1
         layout = ParallelLayout.single(single).build_groups()
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, mpu=layout, dist_init_required=False,
-            config={"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
-                    "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
+        # DeepSpeedEngine as deepspeed.initialize builds it, but with dont_change_device: a
+        # conversion never moves the model to a GPU.
+        config_class = DeepSpeedConfig(config, layout)
+        deepspeed.set_optimizer_flags(config_class, model)
+        engine = DeepSpeedEngine(args=None, model=model, mpu=layout, dist_init_required=False,
+                                 config=config, config_class=config_class,
+                                 dont_change_device=True)
         engine.save_checkpoint(out_dir, tag=tag, client_state={}, save_latest=False)
-    finally:
-        if owns_group:
-            shutdown()
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v

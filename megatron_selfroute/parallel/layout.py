@@ -1,8 +1,10 @@
 """The parallel layout: every degree, its validation, the process groups and DeepSpeed's `mpu`.
 
 One `ParallelLayout` is made per run from the config and the world size (`from_config`), before
-any heavy work, and passed explicitly to everything that needs a degree, a rank or a group. It is
-the only code that reads the launcher's environment (`RANK`, `WORLD_SIZE`, ...).
+any heavy work, and passed explicitly to everything that needs a degree, a rank or a group. This
+module is the only code that reads or sets the launcher's environment (`RANK`, `WORLD_SIZE`, ...):
+`init_distributed`, `launcher_env` for tools and tests that start ranks, and
+`private_process_group` for tools that need DeepSpeed outside a launch.
 
 Degrees (W processes): tensor parallel TP, data parallel DP = W / TP, expert parallel EP (carved
 out of data parallelism, as in DeepSpeed and Megatron-DeepSpeed), expert-data parallel
@@ -23,13 +25,14 @@ expert-data group that this object created and registered under DeepSpeed's name
 
 The `mpu` contract (what DeepSpeed 0.19.8 calls): `get_{model,tensor_model,data}_parallel_
 {rank,world_size,group}`, `get_data_parallel_group_ranks`, `get_tensor_model_parallel_src_rank`
-and `get_pipeline_model_parallel_world_size`. The `get_sequence_parallel_*` methods are
+and `get_pipeline_model_parallel_{world_size,rank}`. The `get_sequence_parallel_*` methods are
 deliberately absent: DeepSpeed reads them as Ulysses sequence parallelism.
 """
 from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -141,17 +144,19 @@ class ParallelLayout:
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: Optional[int] = None,
-                    rank: Optional[int] = None) -> "ParallelLayout":
+                    rank: Optional[int] = None, check: bool = True) -> "ParallelLayout":
         """The layout of `cfg` on `world_size` processes (default: the launcher's, else 1),
-        validated against the config; raises ConfigError naming the flags."""
+        validated against the config (unless `check` is False, for a script that still changes
+        the batch: it calls `validate` itself); raises ConfigError naming the flags."""
         if world_size is None:
             world_size = (dist.get_world_size() if dist.is_initialized()
                           else launch_world_size() or 1)
         if rank is None:
             rank = dist.get_rank() if dist.is_initialized() else launch_rank()
-        layout = cls(world_size=world_size, rank=rank, tp=1,
+        layout = cls(world_size=world_size, rank=rank, tp=cfg.parallel.tensor_model_parallel_size,
                      ep=cfg.parallel.expert_model_parallel_size, moe=cfg.moe.is_moe)
-        layout.validate(cfg)
+        if check:
+            layout.validate(cfg)
         return layout
 
     @classmethod
@@ -167,6 +172,9 @@ class ParallelLayout:
         if t < 1 or w % t:
             raise ConfigError(f"--tensor-model-parallel-size {t} does not divide the {w} "
                               "processes")
+        if t != 1:  # the degree is carried everywhere; the sharded layers are not written yet
+            raise ConfigError(f"--tensor-model-parallel-size {t}: tensor parallelism is not "
+                              "implemented yet (use 1)")
         if e < 1 or self.dp % e:
             raise ConfigError(f"--expert-model-parallel-size {e} does not divide the {self.dp} "
                               "data-parallel processes")
@@ -359,3 +367,43 @@ class ParallelLayout:
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+@contextmanager
+def private_process_group():
+    """A one-process gloo group on a free local port for tools that need DeepSpeed outside a
+    launch (none is made when a group exists); the launcher variables it sets and DeepSpeed's
+    group registry are restored afterwards."""
+    from deepspeed.utils import groups as ds_groups
+
+    from megatron_selfroute.parallel.groups import shutdown
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved_mpu = ds_groups.mpu
+    saved_groups = {name: dict(getattr(ds_groups, name)) for name in (
+        "_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS")}
+    owns = not dist.is_initialized()
+    if owns:
+        for k in keys:  # never join a job's rendezvous from here
+            os.environ.pop(k, None)
+        init_distributed("gloo")
+    try:
+        yield
+    finally:
+        if owns:
+            shutdown()
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        else:
+            ds_groups.mpu = saved_mpu
+            for name, value in saved_groups.items():
+                getattr(ds_groups, name).clear()
+                getattr(ds_groups, name).update(value)

@@ -99,8 +99,10 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def format_eta(seconds: float) -> str:

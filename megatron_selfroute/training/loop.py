@@ -11,8 +11,9 @@ datasets and one forward step) and a `ParallelLayout`; `pretrain` then runs
     Trainer.evaluate_save_exit   validation, checkpoints, clean exits (interval, wall time,
                        SIGTERM)
 
-until --train-iters, then `finish`. No module-level state: the SIGTERM latch and the fault
-injection hook belong to the run and are made once in `setup`.
+until --train-iters, then `finish` (the final validation and checkpoint) and, always, `close`.
+No module-level state: the SIGTERM latch and the fault injection hook belong to the run and are
+made once in `setup`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_selfroute.arguments import validate
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
 from megatron_selfroute.moe.router import ROUTERS
@@ -210,8 +212,10 @@ class Trainer:
         """Groups, the resolved config, the parallelised model on its engine, resume, data."""
         par = cfg.parallel
         init_distributed(par.distributed_backend, par.distributed_timeout_minutes)
-        layout = (layout or ParallelLayout.from_config(cfg)).build_groups()
+        layout = layout or ParallelLayout.from_config(cfg, check=False)
+        validate(cfg, layout.world_size)  # every rule, on the config the script finished
         layout.validate(cfg)
+        layout.build_groups()
         cfg = resolve_config(cfg, layout)
         tr = cfg.train
         if layout.rank == 0:
@@ -426,21 +430,25 @@ class Trainer:
             return f"--exit-interval {tr.exit_interval}"
         return None
 
-    def finish(self, completed: bool) -> RunResult:
-        """After the last step: the final validation and checkpoint (when the run completed and
-        they were not just done), then close the profiler, the logger and the signal latch."""
+    def finish(self) -> None:
+        """After the last step of a completed run: the final validation and checkpoint, unless
+        they were just done."""
         tr = self.cfg.train
-        if completed and self.iters_this_run:
+        if self.iters_this_run:
             if self.valid_ds is not None and self.state.iteration % tr.eval_interval != 0:
                 self.run_eval()
             final_tag = checkpointing.tag_for(self.state.iteration)
             if tr.save and not (self.last_saved or "").endswith(final_tag):
                 self.save()
+
+    def close(self) -> None:
+        """Stop the profiler, close the logger, restore the SIGTERM handler (also after an
+        error)."""
         if self.profiler is not None:
             self.profiler.stop()
+            self.profiler = None
         self.logger.close()
         self.exit_signal.close()
-        return self.result
 
 
 def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
@@ -451,13 +459,18 @@ def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
     losses. Every rank calls it. `fault_hook(loss, iteration)` may replace a loss (tests);
     by default it is MEGATRON_SELFROUTE_NAN_AT's, read once here."""
     trainer = Trainer.setup(cfg, task, layout, extra_ds, fault_hook)
-    while trainer.state.iteration < trainer.cfg.train.train_iters:
-        step = trainer.train_step()
-        trainer.record(step)
-        trainer.log(step)
-        if trainer.evaluate_save_exit():
-            return trainer.finish(completed=False)
-    return trainer.finish(completed=True)
+    try:
+        while trainer.state.iteration < trainer.cfg.train.train_iters:
+            step = trainer.train_step()
+            trainer.record(step)
+            trainer.log(step)
+            if trainer.evaluate_save_exit():
+                break
+        else:
+            trainer.finish()
+    finally:
+        trainer.close()
+    return trainer.result
 
 
 def _log_model(cfg: Config, layout: ParallelLayout, model: torch.nn.Module) -> None:

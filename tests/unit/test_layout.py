@@ -110,3 +110,12 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_tensor_degree_comes_from_the_config_and_is_refused_by_the_layout():
+    cfg = _cfg()
+    cfg.parallel.tensor_model_parallel_size = 2
+    lay = ParallelLayout.from_config(cfg, world_size=4, rank=0, check=False)
+    assert (lay.tp, lay.dp) == (2, 2)
+    with pytest.raises(ConfigError, match="tensor parallelism is not implemented yet"):
+        lay.validate(cfg)
