@@ -30,7 +30,11 @@ from megatron_selfroute.config import (
     ConfigError,
     parse_layer_freq,
 )
-from megatron_selfroute.parallel.layout import ParallelLayout, launch_world_size
+from megatron_selfroute.parallel.layout import (
+    ParallelLayout,
+    check_tensor_degree,
+    launch_world_size,
+)
 
 __all__ = ["ConfigError", "build_parser", "namespace_to_config", "parse_args", "validate"]
 
@@ -225,9 +229,7 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     if tr.train_iters is not None and tr.train_samples is not None:
         raise ConfigError("--train-iters and --train-samples are mutually exclusive")
     _validate_moe(cfg)
-    if cfg.parallel.tensor_model_parallel_size != 1:
-        raise ConfigError(f"--tensor-model-parallel-size {cfg.parallel.tensor_model_parallel_size}"
-                          ": tensor parallelism is not implemented yet (use 1)")
+    check_tensor_degree(cfg.parallel.tensor_model_parallel_size)
     if world_size is not None:
         ParallelLayout.from_config(cfg, world_size, rank=0)  # validates the degrees
 

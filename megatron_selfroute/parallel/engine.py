@@ -9,11 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_selfroute.checkpoint import CheckpointLoadError  # noqa: F401  (re-exported)
-from megatron_selfroute.checkpoint.safe_load import (  # noqa: F401  (safe_globals re-exported)
-    SafeCheckpointEngine,
-    safe_globals,
-)
+from megatron_selfroute.checkpoint.safe_load import SafeCheckpointEngine
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.parallel.layout import ParallelLayout

@@ -119,6 +119,13 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
+def check_tensor_degree(tp: int) -> None:
+    """The tensor degree is carried everywhere, but the sharded layers are not written yet."""
+    if tp != 1:
+        raise ConfigError(f"--tensor-model-parallel-size {tp}: tensor parallelism is not "
+                          "implemented yet (use 1)")
+
+
 @dataclass
 class _Groups:
     """Process-group handles of this rank (filled by `ParallelLayout.build_groups`)."""
@@ -172,9 +179,7 @@ class ParallelLayout:
         if t < 1 or w % t:
             raise ConfigError(f"--tensor-model-parallel-size {t} does not divide the {w} "
                               "processes")
-        if t != 1:  # the degree is carried everywhere; the sharded layers are not written yet
-            raise ConfigError(f"--tensor-model-parallel-size {t}: tensor parallelism is not "
-                              "implemented yet (use 1)")
+        check_tensor_degree(t)
         if e < 1 or self.dp % e:
             raise ConfigError(f"--expert-model-parallel-size {e} does not divide the {self.dp} "
                               "data-parallel processes")

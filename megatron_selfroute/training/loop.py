@@ -213,7 +213,7 @@ class Trainer:
         par = cfg.parallel
         init_distributed(par.distributed_backend, par.distributed_timeout_minutes)
         layout = layout or ParallelLayout.from_config(cfg, check=False)
-        validate(cfg, layout.world_size)  # every rule, on the config the script finished
+        validate(cfg, None)  # every rule on the config the script finished, then the degrees
         layout.validate(cfg)
         layout.build_groups()
         cfg = resolve_config(cfg, layout)

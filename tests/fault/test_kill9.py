@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_selfroute.parallel.engine import safe_globals
+from megatron_selfroute.checkpoint.safe_load import safe_globals
 from tests.distributed.harness import launch_ranks
 from tests.distributed.train_cases import MOCK, TINY
 

@@ -2,7 +2,7 @@
 --skip-nan-steps skips the update (weights unchanged across the step), in fp32 and bf16."""
 import torch
 
-from megatron_selfroute.parallel.engine import safe_globals
+from megatron_selfroute.checkpoint.safe_load import safe_globals
 from tests.distributed.harness import spawn
 from tests.distributed.train_cases import MOCK
 

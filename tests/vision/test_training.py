@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_selfroute.checkpoint.safe_load import safe_globals
 from megatron_selfroute.moe.router import BUILTIN_ROUTERS
-from megatron_selfroute.parallel.engine import safe_globals
 from tests.vision.train_cases import run_layout
 
 ROUTERS = list(BUILTIN_ROUTERS)
