@@ -13,9 +13,12 @@ from megatron_selfroute.arguments import parse_args
 from megatron_selfroute.config import Config
 from megatron_selfroute.data.gpt_dataset import build_train_valid_test_datasets, collate_gpt_samples
 from megatron_selfroute.data.samplers import MockGPTDataset
+from megatron_selfroute.data.token_frequency import token_frequencies
 from megatron_selfroute.data.tokenizer import build_tokenizer
 from megatron_selfroute.models.gpt import GPTModel, gpt_flops_per_token, parallelize_gpt
+from megatron_selfroute.moe.balancing import balance_hash_tables
 from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.training.logging import is_rank0, print_rank0
 from megatron_selfroute.training.loop import Task, pretrain, run_main
 
 
@@ -65,8 +68,18 @@ def make_task(cfg: Config) -> Task:
             reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
             eod_token=tokenizer.eod)
 
+    def init_from_data(model, train_ds) -> None:
+        """Balanced hash tables from the training split's token frequencies."""
+        moe = cfg.moe
+        if moe.is_moe and moe.router_type == "hash" and moe.hash_assignment == "balanced":
+            freq = token_frequencies(train_ds, cfg.model.padded_vocab_size,
+                                     progress=is_rank0())
+            balance_hash_tables(model, freq)
+            print_rank0(f"> balanced hash tables from {int(freq.sum())} training-split tokens")
+
     return Task(
         build_model=lambda cfg: GPTModel(cfg, init=False),
+        init_from_data=init_from_data,
         parallelize=parallelize_gpt,
         build_datasets=build_datasets,
         forward_step=forward_step,

@@ -241,10 +241,15 @@ def _validate_moe(cfg: Config) -> None:
     if moe.router_type not in ROUTERS:
         raise ConfigError(f"--router-type {moe.router_type!r} is unknown; choose one of "
                           f"{', '.join(ROUTERS)}")
+    shared = moe.moe_shared_expert_intermediate_size
     if not moe.is_moe:
         if par.expert_model_parallel_size != 1:
             raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
+        if shared is not None:
+            raise ConfigError("--moe-shared-expert-intermediate-size needs --num-experts")
         return
+    if shared is not None and shared < 1:
+        raise ConfigError(f"--moe-shared-expert-intermediate-size must be >= 1, got {shared}")
     n, k = moe.num_experts, moe.moe_router_topk
     if n < 1:
         raise ConfigError(f"--num-experts must be >= 1, got {n}")

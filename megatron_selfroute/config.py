@@ -126,9 +126,25 @@ class MoEConfig:
         "MoE placement: N puts MoE in blocks i with i %% N == 0, or a 0/1 pattern per block "
         "such as '[0,1]*6' or '([1]*3+[0])*3'.",
     )
-    router_type: str = arg("self", "Router: self | learned | fixed-random | random.")
+    router_type: str = arg("self", "Router: self | learned | fixed-random | random | hash.")
     moe_router_pre_softmax: bool = arg(
         False, "Softmax over all N experts, then top-k (default: softmax over the k selected)."
+    )
+    moe_router_score_function: str = arg(
+        "softmax", "Expert scores: softmax (the paper) or sigmoid (DeepSeek-V3: top-k on "
+        "sigmoid scores, weights normalised over the selected k).",
+        choices=["softmax", "sigmoid"],
+    )
+    moe_router_enable_expert_bias: bool = arg(
+        False, "Aux-loss-free balancing (DeepSeek-V3): a per-expert fp32 bias added for "
+        "selection only, updated after each step from the step's token counts."
+    )
+    moe_router_bias_update_rate: float = arg(
+        1e-3, "Expert-bias step: bias_e += rate x sign(mean load - load_e) per optimizer step."
+    )
+    moe_shared_expert_intermediate_size: Optional[int] = arg(
+        None, "Hidden size of a shared expert: a dense MLP every token of an MoE block passes "
+        "through, added to the routed output (unset = none)."
     )
     moe_aux_loss_coeff: float = arg(0.0, "Switch load-balancing loss coefficient (paper: 0).")
     moe_z_loss_coeff: float = arg(0.0, "Router z-loss coefficient.")
@@ -140,6 +156,17 @@ class MoEConfig:
     fixed_random_shared: bool = arg(
         False, "fixed-random: one projection shared by all MoE layers."
     )
+    fixed_random_init: str = arg(
+        "gaussian", "fixed-random projection: gaussian N(0, std) rows, or orthogonal rows of "
+        "norm std x sqrt(hidden) (a random rotation of a coordinate readout).",
+        choices=["gaussian", "orthogonal"],
+    )
+    hash_assignment: str = arg(
+        "random", "hash: each token id's k experts drawn at random, or balanced (ids assigned "
+        "greedily by training-split frequency so expert loads are even).",
+        choices=["random", "balanced"],
+    )
+    hash_shared: bool = arg(False, "hash: one table for every MoE layer (default: one per layer).")
     moe_expert_capacity_factor: Optional[float] = arg(
         None, "Expert capacity factor; unset = dropless."
     )

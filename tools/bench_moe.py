@@ -44,6 +44,15 @@ AUTOEP_NOTE = ("DeepSpeed AutoEP not benchmarked: its experts are gated (SwiGLU/
                "GPT-2's experts are plain GELU MLPs")
 
 
+BENCH_VOCAB = 50257
+
+
+def bench_token_ids(num_tokens: int, device) -> torch.Tensor:
+    """Token ids for routers that read them: a fixed pseudo-random draw over the vocabulary."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, BENCH_VOCAB, (num_tokens,), generator=gen).to(device)
+
+
 def build_layer(args, dispatcher: str, router: str, layout: ParallelLayout | None = None
                 ) -> MoELayer:
     cfg = Config()
@@ -52,6 +61,7 @@ def build_layer(args, dispatcher: str, router: str, layout: ParallelLayout | Non
     m.num_experts, m.moe_router_topk, m.router_type = args.experts, args.topk, router
     m.moe_token_dispatcher_type = dispatcher
     m.moe_grouped_gemm = args.expert_compute
+    cfg.model.vocab_size = BENCH_VOCAB  # read only by routers that read token ids (hash)
     torch.manual_seed(0)
     layout = layout or ParallelLayout.single(cfg)
     layer = MoELayer(cfg.model, m, layer_number=0, moe_index=0, seed=0)
@@ -140,7 +150,8 @@ def layer_bench(args) -> dict:
             rows.append(("learned", disp, target, layer))
     for router in BUILTIN_ROUTERS:
         layer = build_layer(args, "alltoall", router)
-        variants[f"alltoall@{router}"] = (lambda lay=layer: lay(x)[0])
+        ctx = RoutingContext(None, bench_token_ids(x.shape[0], x.device), 0)
+        variants[f"alltoall@{router}"] = (lambda lay=layer, c=ctx: lay(x, c)[0])
         params[f"alltoall@{router}"] = list(layer.parameters())
         rows.append((router, "alltoall", None, layer))
     for fn in variants.values():  # warm-up

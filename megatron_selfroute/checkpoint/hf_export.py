@@ -104,6 +104,10 @@ def _moe_config(cfg: Config, starts: list[int], router_kind: str):
         layer_norm_epsilon=m.layernorm_epsilon, gelu_approximation=m.gelu_approximation,
         tie_word_embeddings=not m.untie_embeddings_and_output_weights,
         megatron_selfroute_config=cfg.to_dict(), bos_token_id=eod, eos_token_id=eod,
+        moe_router_score_function=moe.moe_router_score_function,
+        moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+        shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        hash_table_size=m.padded_vocab_size if router_kind == "hash" else 0,
         architectures=["SelfRouteGPTForCausalLM"],
         auto_map={"AutoConfig": "configuration_selfroute_gpt.SelfRouteGPTConfig",
                   "AutoModelForCausalLM": "modeling_selfroute_gpt.SelfRouteGPTForCausalLM"})

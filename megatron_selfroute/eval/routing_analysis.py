@@ -5,8 +5,10 @@ concatenated, cut into windows of the model's sequence length; the last window m
 with dropless routing; a ViT checkpoint reads the validation images of an image root instead
 (N tokens = patches + class token per image). Per MoE layer it counts routed token-slots per
 expert (k per token) and reports expert fractions, normalised entropy H / log E (1 = uniform)
-and the maximum expert fraction (`moe/stats.py`), then their means over layers. Outputs: JSON,
-CSV and PNG figures.
+and the maximum expert fraction and dead experts (`moe/stats.py`), then their means over
+layers; and for every pair of MoE layers the cross-layer metrics of `moe/cross_layer.py`
+(identity agreement against chance, top-k overlap, NMI, and for language models their token-id
+shuffled baselines). Outputs: JSON, CSV and PNG figures.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from megatron_selfroute.data.indexed_dataset import IndexedDataset
 from megatron_selfroute.models.gpt import GPTModel
+from megatron_selfroute.moe.cross_layer import CrossLayerAccumulator
 from megatron_selfroute.moe.stats import expert_fractions, routing_metrics
 
 
@@ -49,9 +52,11 @@ def token_windows(prefix: str, num_tokens: int, window: int) -> Iterator[np.ndar
 
 @torch.no_grad()
 def count_routes(model: GPTModel, prefix: str, num_tokens: int, batch_size: int = 8,
-                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 progress: bool = True, cross: Optional[CrossLayerAccumulator] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed token-slots per (MoE layer, expert) [L, E] and dropped routes [L] (int64) of an
-    MoE model over the first `num_tokens` tokens of the dataset at `prefix`."""
+    MoE model over the first `num_tokens` tokens of the dataset at `prefix`; `cross`, if given,
+    receives every token's expert ids and token id."""
     device = next(model.parameters()).device
     window = model.cfg.model.seq_length
     counts = dropped = None
@@ -68,6 +73,8 @@ def count_routes(model: GPTModel, prefix: str, num_tokens: int, batch_size: int 
         b, s = ids.shape
         index = seen + torch.arange(b * s, device=device).view(b, s)  # global token positions
         model(ids, token_index=index)
+        if cross is not None:
+            cross.add(model.routing_ids(), ids.reshape(-1))
         c, d = (t.to("cpu", torch.int64) for t in model.routing_counts())
         counts, dropped = (c, d) if counts is None else (counts + c, dropped + d)
         seen += ids.numel()
@@ -89,7 +96,8 @@ def count_routes(model: GPTModel, prefix: str, num_tokens: int, batch_size: int 
 
 @torch.no_grad()
 def count_routes_images(model: torch.nn.Module, root: str, num_tokens: int,
-                        batch_size: int = 8, progress: bool = True
+                        batch_size: int = 8, progress: bool = True,
+                        cross: Optional[CrossLayerAccumulator] = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same counts for a ViT: the validation images of the ImageFolder root (or Hugging Face
     dataset) `root`, in file order, through DeiT's evaluation transform, until `num_tokens`
@@ -109,6 +117,8 @@ def count_routes_images(model: torch.nn.Module, root: str, num_tokens: int,
         images = torch.stack([transform(source.load(i)[0]) for i in idx]).to(device)
         index = (torch.arange(len(idx), device=device).view(-1, 1) + start) * per_image
         model(images, token_index=index + torch.arange(per_image, device=device))
+        if cross is not None:
+            cross.add(model.routing_ids())
         c, d = (t.to("cpu", torch.int64) for t in model.routing_counts())
         counts, dropped = (c, d) if counts is None else (counts + c, dropped + d)
         bar.update(len(idx) * per_image)
@@ -117,8 +127,9 @@ def count_routes_images(model: torch.nn.Module, root: str, num_tokens: int,
 
 
 def summarize(label: str, path: str, model: GPTModel, counts: torch.Tensor,
-              dropped: torch.Tensor) -> dict:
-    """Per-layer metrics, fractions and their means for one checkpoint."""
+              dropped: torch.Tensor, cross: Optional[dict] = None) -> dict:
+    """Per-layer metrics, fractions and their means for one checkpoint (+ the cross-layer
+    matrices of `CrossLayerAccumulator.result`)."""
     metrics = routing_metrics(counts, dropped)
     blocks = [i for i, v in enumerate(model.pattern) if v]
     n = len(blocks)
@@ -127,7 +138,9 @@ def summarize(label: str, path: str, model: GPTModel, counts: torch.Tensor,
             "blocks": blocks,
             "counts": counts.tolist(), "fractions": expert_fractions(counts).tolist(), **metrics,
             "mean_normalized_entropy": sum(metrics["normalized_entropy"]) / n,
-            "mean_max_fraction": sum(metrics["max_fraction"]) / n}
+            "mean_max_fraction": sum(metrics["max_fraction"]) / n,
+            "mean_dead_experts": sum(metrics["dead_experts"]) / n,
+            "cross_layer": cross}
 
 
 def write_outputs(results: list[dict], out_dir: str) -> list[str]:
@@ -140,12 +153,58 @@ def write_outputs(results: list[dict], out_dir: str) -> list[str]:
     with open(paths[1], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "moe_layer", "block", "normalized_entropy", "max_fraction",
-                    "dropped_fraction"] + [f"expert_{e}" for e in range(width)])
+                    "dropped_fraction", "dead_experts"] + [f"expert_{e}" for e in range(width)])
         for r in results:
             for i, block in enumerate(r["blocks"]):
                 w.writerow([r["label"], i, block, r["normalized_entropy"][i],
-                            r["max_fraction"][i], r["dropped_fraction"][i]] + r["fractions"][i])
-    return paths + plot(results, out_dir)
+                            r["max_fraction"][i], r["dropped_fraction"][i],
+                            r["dead_experts"][i]] + r["fractions"][i])
+    crossed = [r for r in results if r.get("cross_layer")]
+    if crossed:
+        paths.append(os.path.join(out_dir, "cross_layer.csv"))
+        with open(paths[-1], "w", newline="") as f:
+            w = csv.writer(f)
+            keys = [k for k in CROSS_KEYS if k in crossed[0]["cross_layer"]]
+            w.writerow(["label", "block_l", "block_m"] + keys)
+            for r in crossed:
+                c, blocks = r["cross_layer"], r["blocks"]
+                for i, bl in enumerate(blocks):
+                    for j, bm in enumerate(blocks):
+                        if i != j:
+                            w.writerow([r["label"], bl, bm] + [c[k][i][j] for k in keys
+                                                               if k in c])
+    return paths + plot(results, out_dir) + plot_cross_layer(crossed, out_dir)
+
+
+CROSS_KEYS = ("identity_agreement", "chance_agreement", "shuffled_identity_agreement",
+              "topk_overlap", "nmi", "shuffled_nmi")
+
+
+def plot_cross_layer(results: list[dict], out_dir: str) -> list[str]:
+    """Per checkpoint, one PNG with a layer x layer heat map per cross-layer metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for i, r in enumerate(results):
+        c, blocks = r["cross_layer"], r["blocks"]
+        keys = [k for k in CROSS_KEYS if k in c]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            im = ax.imshow(np.asarray(c[key]), vmin=0, vmax=1, cmap="magma")
+            ax.set_title(key.replace("_", " "), fontsize="small")
+            ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize="x-small")
+            ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize="x-small")
+            ax.set_xlabel("block m")
+            ax.set_ylabel("block l")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle(f"{r['label']}: cross-layer routing", fontsize="small")
+        paths.append(os.path.join(out_dir, f"cross_layer_{i}_{_safe(r['label'])}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
 
 
 def plot(results: list[dict], out_dir: str) -> list[str]:
@@ -195,11 +254,19 @@ def _safe(label: str) -> str:
 
 def format_averages(results: list[dict]) -> str:
     """A table of the per-checkpoint means over MoE layers."""
-    lines = ["| checkpoint | router | tokens | mean H/log E | mean max-expert fraction |",
-             "|---|---|---|---|---|"]
+    lines = ["| checkpoint | router | tokens | mean H/log E | mean max-expert fraction | "
+             "mean dead experts | agreement (chance, id-shuffled) | NMI (id-shuffled) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        c = r.get("cross_layer") or {}
+        agree = nmi = "-"
+        if c.get("mean_identity_agreement") == c.get("mean_identity_agreement"):  # not NaN
+            agree = (f"{c['mean_identity_agreement']:.3f} ({c['mean_chance_agreement']:.3f}, "
+                     f"{c.get('mean_shuffled_identity_agreement', float('nan')):.3f})")
+            nmi = f"{c['mean_nmi']:.3f} ({c.get('mean_shuffled_nmi', float('nan')):.3f})"
         lines.append(f"| {r['label']} | {r['router']} | {r['tokens']} | "
-                     f"{r['mean_normalized_entropy']:.4f} | {r['mean_max_fraction']:.4f} |")
+                     f"{r['mean_normalized_entropy']:.4f} | {r['mean_max_fraction']:.4f} | "
+                     f"{r['mean_dead_experts']:.2f} | {agree} | {nmi} |")
     return "\n".join(lines)
 
 
@@ -219,6 +286,8 @@ def analyze(paths: list[str], prefix: str, num_tokens: int, labels: Optional[lis
         if not model.moe_layers:
             raise ValueError(f"{path}: the checkpoint has no MoE layers")
         count = count_routes_images if ckpt.family == "vit" else count_routes
-        counts, dropped = count(model, prefix, num_tokens, batch_size, progress)
-        out.append(summarize(label, path, model, counts, dropped))
+        moe = ckpt.cfg.moe
+        cross = CrossLayerAccumulator(len(model.moe_layers), moe.num_experts, moe.moe_router_topk)
+        counts, dropped = count(model, prefix, num_tokens, batch_size, progress, cross)
+        out.append(summarize(label, path, model, counts, dropped, cross.result()))
     return out

@@ -22,13 +22,17 @@ def build_blocks(cfg: Config, causal: bool,
     m, moe = cfg.model, cfg.moe
     blocks, moe_index = [], 0
     for i, is_moe in enumerate(moe.layer_pattern(m.num_layers)):
+        shared = None
         if is_moe:
             mlp = MoELayer(m, moe, i, moe_index, cfg.train.seed)
             moe_index += 1
+            if moe.moe_shared_expert_intermediate_size:
+                shared = MLP(m.hidden_size, moe.moe_shared_expert_intermediate_size,
+                             not m.disable_bias_linear, m.gelu_approximation)
         else:
             mlp = MLP(m.hidden_size, m.ffn_size, not m.disable_bias_linear, m.gelu_approximation)
         rate = drop_path_rates[i] if drop_path_rates else 0.0
-        blocks.append(Block(m, mlp, causal, rate))
+        blocks.append(Block(m, mlp, causal, rate, shared))
     return blocks
 
 
@@ -53,6 +57,12 @@ def layout_free_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def routing_ids(layers: list[MoELayer]) -> Tensor:
+    """Last forward's expert ids per MoE layer and token [L_moe, T, K] (int64; the router's
+    order, so [..., 0] is each token's top-1 expert)."""
+    return torch.stack([lay.last_ids for lay in layers])
+
+
 def routing_counts(layers: list[MoELayer]) -> tuple[Tensor, Tensor]:
     """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
     return (torch.stack([lay.last_tokens_per_expert for lay in layers]),
@@ -61,7 +71,7 @@ def routing_counts(layers: list[MoELayer]) -> tuple[Tensor, Tensor]:
 
 def mlp_flops_per_token(cfg: Config) -> float:
     """Forward matmul FLOPs per token of every block's MLP: a dense MLP, or k experts plus the
-    router's declared FLOPs (2 x 2 x D x FFN per MLP)."""
+    router's declared FLOPs, plus a shared expert (2 x 2 x D x FFN per MLP)."""
     m, moe = cfg.model, cfg.moe
     d, flops = m.hidden_size, 0.0
     for is_moe in moe.layer_pattern(m.num_layers):
@@ -69,6 +79,7 @@ def mlp_flops_per_token(cfg: Config) -> float:
             ffn = moe.moe_ffn_hidden_size or m.ffn_size
             flops += moe.moe_router_topk * 2 * 2 * d * ffn
             flops += ROUTERS[moe.router_type].flops_per_token(d, moe.num_experts)
+            flops += 2 * 2 * d * (moe.moe_shared_expert_intermediate_size or 0)
         else:
             flops += 2 * 2 * d * m.ffn_size
     return flops

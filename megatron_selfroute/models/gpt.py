@@ -31,6 +31,7 @@ from megatron_selfroute.models.common import (
     mlp_flops_per_token,
     moe_layers,
     routing_counts,
+    routing_ids,
 )
 from megatron_selfroute.models.transformer import layer_norm
 from megatron_selfroute.moe.context import RoutingContext
@@ -126,6 +127,10 @@ class GPTModel(nn.Module):
     def routing_counts(self) -> tuple[Tensor, Tensor]:
         """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
         return routing_counts(self.moe_layers)
+
+    def routing_ids(self) -> Tensor:
+        """Last forward's expert ids [L_moe, T, K] (int64)."""
+        return routing_ids(self.moe_layers)
 
 
 def gpt_flops_per_token(cfg: Config) -> float:

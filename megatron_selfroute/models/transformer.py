@@ -70,13 +70,16 @@ class Block(nn.Module):
     or an MoE layer, with optional stochastic depth on both residual branches (DeiT)."""
 
     def __init__(self, cfg: ModelConfig, mlp: nn.Module, causal: bool = True,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, shared_mlp: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.ln_1 = layer_norm(cfg)
         self.attn = SelfAttention(cfg, causal)
         self.ln_2 = layer_norm(cfg)
         self.mlp = mlp
         self.is_moe = not isinstance(mlp, MLP)
+        # A shared expert (--moe-shared-expert-intermediate-size): a dense MLP beside the MoE
+        # module (outside it, and named without "expert", for DeepSpeed's checkpoint code).
+        self.shared_mlp = shared_mlp
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
         if drop_path > 0:
             from timm.layers import DropPath  # the [vision] extra; GPT never needs it
@@ -93,6 +96,8 @@ class Block(nn.Module):
         h_BSD = self.ln_2(x_BSD)
         if self.is_moe:
             y_BSD, aux = self.mlp(h_BSD, ctx)
+            if self.shared_mlp is not None:
+                y_BSD = y_BSD + self.shared_mlp(h_BSD)
         else:
             y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
         return x_BSD + self.drop_path(self.mlp_dropout(y_BSD)), aux

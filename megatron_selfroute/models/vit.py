@@ -39,6 +39,7 @@ from megatron_selfroute.models.common import (
     mlp_flops_per_token,
     moe_layers,
     routing_counts,
+    routing_ids,
 )
 from megatron_selfroute.models.transformer import layer_norm
 from megatron_selfroute.moe.context import RoutingContext
@@ -158,6 +159,10 @@ class VisionTransformer(nn.Module):
     def routing_counts(self) -> tuple[Tensor, Tensor]:
         """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
         return routing_counts(self.moe_layers)
+
+    def routing_ids(self) -> Tensor:
+        """Last forward's expert ids [L_moe, T, K] (int64)."""
+        return routing_ids(self.moe_layers)
 
     # ---- model EMA --------------------------------------------------------------------------
 

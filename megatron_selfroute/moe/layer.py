@@ -46,7 +46,8 @@ class MoELayer(EngineMoE):
         # eagerly built router and expert always have (dropout streams follow it); the seeded
         # `init_weights` overwrites both.
         self.router = build_router(moe_cfg, model_cfg.hidden_size, layer_number, moe_index,
-                                   seed, model_cfg.init_method_std)
+                                   seed, model_cfg.init_method_std,
+                                   model_cfg.padded_vocab_size if model_cfg.vocab_size else None)
         prototype = MLP(model_cfg.hidden_size, moe_cfg.moe_ffn_hidden_size or model_cfg.ffn_size,
                         bias=not model_cfg.disable_bias_linear,
                         gelu_approximation=model_cfg.gelu_approximation)
@@ -56,6 +57,7 @@ class MoELayer(EngineMoE):
             self.num_experts, moe_cfg.moe_grouped_gemm)
         self.last_tokens_per_expert: Optional[Tensor] = None
         self.last_dropped: Optional[Tensor] = None
+        self.last_ids: Optional[Tensor] = None  # [T, K] expert ids of the last forward
 
     @property
     def experts(self) -> Experts:
@@ -113,5 +115,6 @@ class MoELayer(EngineMoE):
         routing = self.router(x_TD, (ctx or RoutingContext()).flat())
         self.last_tokens_per_expert = routing.tokens_per_expert_E.detach()
         self.last_dropped = routing.dropped.detach()
+        self.last_ids = routing.ids_TK.detach()
         y_TD = self.dispatcher(x_TD, routing, self.experts)
         return y_TD.view(shape), routing.aux_loss + routing.z_loss

@@ -13,6 +13,16 @@ auxiliary loss and z-loss.
 | learned      | x @ W, W in R^{D x E}, fp32              | D x E per layer    |
 | fixed-random | x @ R, R frozen fp32 buffer (seed,layer) | 0                  |
 | random       | hash(seed, layer, iteration, token) -> N(0,1) | 0             |
+| hash         | none: a fixed table token id -> k experts, weights 1/k | 0     |
+
+Scores and selection (every router but hash): with `--moe-router-score-function softmax` (the
+paper) top-k picks the k largest logits and their weights are the softmax over the k selected
+(`--moe-router-pre-softmax`: softmax over all E, then top-k); with `sigmoid` (DeepSeek-V3) top-k
+picks the k largest sigmoid scores and the weights are those scores normalised over the k.
+Aux-loss-free balancing (`--moe-router-enable-expert-bias`) adds a per-expert fp32 bias to what
+top-k compares, for selection only: to the logits (softmax over the selected k), to the
+probabilities (pre-softmax) or to the sigmoid scores; the weights come from the unbiased scores.
+The bias is updated after each optimizer step by `update_load_bias` (Megatron core's rule).
 
 Self-routing reads the post-LayerNorm hidden state, so the LayerNorm gain (and bias) on the N
 routing coordinates act as a learned per-expert temperature (and bias) of the logits.
@@ -86,6 +96,11 @@ class Router(nn.Module):
     # The router kind of the Hugging Face remote-code model, or None (not exportable).
     hf_kind: ClassVar[Optional[str]] = None
     hf_refusal: ClassVar[str] = "has no Hugging Face form"
+    # True for routers that read `ctx.token_ids` (language models only); their constructor
+    # takes `vocab_size=`.
+    reads_token_ids: ClassVar[bool] = False
+    # fp32 buffers that stay fp32 when the model is cast (bf16 training).
+    fp32_buffers: ClassVar[tuple[str, ...]] = ("load_bias",)
 
     @classmethod
     def check(cls, cfg: Config, num_moe_layers: int) -> None:
@@ -115,10 +130,33 @@ class Router(nn.Module):
         self.drop_policy = cfg.moe_token_drop_policy
         self.aux_loss_coeff = cfg.moe_aux_loss_coeff
         self.z_loss_coeff = cfg.moe_z_loss_coeff
+        self.score_function = cfg.moe_router_score_function
         self.hidden_size = hidden_size
         self.layer_number = layer_number
         self.moe_index = moe_index
         self.seed = seed
+        # Aux-loss-free balancing: named without "expert" (DeepSpeed's MoE checkpoint code sends
+        # every such key of an MoE module to its per-expert files).
+        if cfg.moe_router_enable_expert_bias:
+            self.register_buffer("load_bias", torch.zeros(self.num_experts), persistent=True)
+        else:
+            self.load_bias = None
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to `fp32_buffers`, dtype casts do not (they stay exact fp32)."""
+        keep = {n: getattr(self, n, None) for n in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for n, t in keep.items():
+            if t is not None:
+                setattr(self, n, t.to(device=getattr(self, n).device))
+        return self
+
+    @torch.no_grad()
+    def update_load_bias(self, tokens_per_expert_E: Tensor, rate: float) -> None:
+        """bias_e += rate x sign(mean load - load_e) from one step's counts (summed over its
+        micro-batches and data-parallel ranks; the same on every rank)."""
+        load = tokens_per_expert_E.to(device=self.load_bias.device, dtype=torch.float32)
+        self.load_bias.add_(torch.sign(load.mean() - load), alpha=rate)
 
     def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         """fp32 logits [T, E]: the only hook a router type overrides (`ctx` holds [T] tensors)."""
@@ -130,24 +168,50 @@ class Router(nn.Module):
 
     def route(self, logits_TE: Tensor) -> RouterOutput:
         """Top-k selection, weights, capacity and losses from fp32 logits."""
-        num_tokens, num_experts = logits_TE.shape
+        probs_TK, ids_TK = self.select(logits_TE)
+        return self.finish(probs_TK, ids_TK, logits_TE)
+
+    def select(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, ids) [T, K] of the top-k experts per the score function; the expert bias,
+        if any, moves the selection and never the weights."""
+        bias, k = self.load_bias, self.topk
+        if self.score_function == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+            ids_TK = torch.topk(scores_TE if bias is None else scores_TE + bias, k, dim=-1)[1]
+            picked_TK = scores_TE.gather(1, ids_TK)
+            return picked_TK / (picked_TK.sum(-1, keepdim=True) + 1e-20), ids_TK
         if self.pre_softmax:
             scores_TE = torch.softmax(logits_TE, dim=-1)
-            probs_TK, ids_TK = torch.topk(scores_TE, self.topk, dim=-1)
+            if bias is None:
+                return torch.topk(scores_TE, k, dim=-1)
+            ids_TK = torch.topk(scores_TE + bias, k, dim=-1)[1]
+            return scores_TE.gather(1, ids_TK), ids_TK
+        if bias is None:
+            top_logits_TK, ids_TK = torch.topk(logits_TE, k, dim=-1)
         else:
-            top_logits_TK, ids_TK = torch.topk(logits_TE, self.topk, dim=-1)
-            probs_TK = torch.softmax(top_logits_TK, dim=-1)
+            ids_TK = torch.topk(logits_TE + bias, k, dim=-1)[1]
+            top_logits_TK = logits_TE.gather(1, ids_TK)
+        return torch.softmax(top_logits_TK, dim=-1), ids_TK
+
+    def finish(self, probs_TK: Tensor, ids_TK: Tensor, logits_TE: Optional[Tensor]
+               ) -> RouterOutput:
+        """Counts, capacity and (with logits) the aux and z losses of a selection."""
+        num_tokens, num_experts = ids_TK.shape[0], self.num_experts
         tokens_per_expert_E = count_per_expert(ids_TK, num_experts)
         keep_TK = None
-        dropped = torch.zeros((), dtype=torch.int64, device=logits_TE.device)
+        dropped = torch.zeros((), dtype=torch.int64, device=ids_TK.device)
         if self.capacity_factor is not None:
             keep_TK = self._capacity_mask(probs_TK, ids_TK, tokens_per_expert_E)
             probs_TK = probs_TK * keep_TK
             dropped = (~keep_TK).sum()
-        zero = logits_TE.new_zeros(())
+        zero = probs_TK.new_zeros((), dtype=torch.float32)
         aux = zero
         if self.aux_loss_coeff > 0:
-            full_probs_TE = torch.softmax(logits_TE, dim=-1)
+            if self.score_function == "sigmoid":
+                scores_TE = torch.sigmoid(logits_TE)
+                full_probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+            else:
+                full_probs_TE = torch.softmax(logits_TE, dim=-1)
             frac_E = tokens_per_expert_E.to(logits_TE.dtype) / (num_tokens * self.topk)
             aux = self.aux_loss_coeff * num_experts * (frac_E * full_probs_TE.mean(0)).sum()
         z = zero
@@ -268,9 +332,17 @@ class FixedRandomRouter(Router):
     checkpoint (the checkpoint's copy is authoritative over regeneration).
     """
 
-    options = ("fixed_random_shared",)
-    checkpoint_fields = ("fixed_random_shared",)
+    options = ("fixed_random_shared", "fixed_random_init")
+    checkpoint_fields = ("fixed_random_shared", "fixed_random_init")
     hf_kind = "fixed-random"
+    fp32_buffers = ("load_bias", "proj")
+
+    @classmethod
+    def check(cls, cfg: Config, num_moe_layers: int) -> None:
+        n, h = cfg.moe.num_experts, cfg.model.hidden_size
+        if cfg.moe.fixed_random_init == "orthogonal" and n > h:
+            raise ConfigError(f"--fixed-random-init orthogonal needs --num-experts {n} <= "
+                              f"--hidden-size {h} (orthogonal rows)")
 
     @classmethod
     def flops_per_token(cls, hidden_size: int, num_experts: int) -> float:
@@ -282,18 +354,23 @@ class FixedRandomRouter(Router):
         gen = torch.Generator().manual_seed(
             mix_seed(seed, 0x5EED, -1 if cfg.fixed_random_shared else layer_number)
         )
-        proj = torch.randn(self.num_experts, hidden_size, generator=gen) * init_std
+        if cfg.fixed_random_init == "orthogonal":
+            proj = orthogonal_rows(self.num_experts, hidden_size, init_std * math.sqrt(hidden_size),
+                                   gen)
+        else:
+            proj = torch.randn(self.num_experts, hidden_size, generator=gen) * init_std
         self.register_buffer("proj", proj, persistent=True)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Apply device moves but never dtype casts to the projection (it stays exact fp32)."""
-        proj = self.proj
-        super()._apply(fn, recurse)
-        self.proj = proj.to(device=self.proj.device)
-        return self
 
     def logits(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         return F.linear(x_TD.float(), self.proj)
+
+
+def orthogonal_rows(rows: int, cols: int, norm: float, gen: torch.Generator) -> Tensor:
+    """[rows, cols] fp32 with orthogonal rows of length `norm` (rows <= cols): the first rows of
+    a Haar-random rotation (QR of a Gaussian matrix with the signs of R's diagonal fixed)."""
+    q, r = torch.linalg.qr(torch.randn(cols, rows, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return (q.T * norm).to(torch.float32).contiguous()
 
 
 @register_router("random")
@@ -324,6 +401,108 @@ class RandomRouter(Router):
         return z.float()
 
 
+def random_hash_table(vocab: int, num_experts: int, k: int, gen: torch.Generator) -> Tensor:
+    """[vocab, k] int64: for each token id, the first k of a uniformly random order of the
+    experts (k distinct experts per id)."""
+    return torch.rand(vocab, num_experts, generator=gen).argsort(dim=1)[:, :k].contiguous()
+
+
+def balanced_hash_table(freq_V: Tensor, num_experts: int, k: int) -> Tensor:
+    """[V, k] int64 balanced assignment: token ids in order of decreasing frequency (ties: lower
+    id first) each take the k experts with the least load so far (ties: fewer ids, then lower
+    expert index); an expert's load is the summed frequency of its ids. Greedy, like LPT
+    scheduling, so max load - min load <= the largest single-id frequency (k < E). Ids never
+    seen (frequency 0) come last and take the experts with the fewest ids (ties: least load,
+    then lower index), so they are spread evenly by count."""
+    freq = [float(f) for f in freq_V.tolist()]
+    order = sorted(range(len(freq)), key=lambda v: (-freq[v], v))
+    load, nids = [0.0] * num_experts, [0] * num_experts
+    table = [[0] * k for _ in freq]
+    experts = range(num_experts)
+    for v in order:
+        if freq[v] > 0:
+            chosen = sorted(experts, key=lambda e: (load[e], nids[e], e))[:k]
+        else:
+            chosen = sorted(experts, key=lambda e: (nids[e], load[e], e))[:k]
+        for j, e in enumerate(chosen):
+            table[v][j] = e
+            load[e] += freq[v]
+            nids[e] += 1
+    return torch.tensor(table, dtype=torch.int64).view(len(freq), k)
+
+
+@register_router("hash")
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021): a fixed table from token id to k distinct experts,
+    each weighted 1/k; no gate, no learned parameters, content-independent but the same experts
+    for every occurrence of a token id.
+
+    The table is a persistent int64 buffer [padded vocabulary, k] (saved with the model and
+    exported). `--hash-assignment random` draws it from (seed, layer) — (seed) with
+    `--hash-shared` — at construction; `balanced` replaces it before training with
+    `balanced_hash_table` of the training split's token frequencies (`set_table`; with per-layer
+    tables each layer relabels its experts by a seeded permutation, which keeps the balance).
+    A checkpoint's table is authoritative over both.
+    """
+
+    options = ("hash_assignment", "hash_shared")
+    checkpoint_fields = ("hash_assignment", "hash_shared")
+    trainable_scores = False
+    reads_token_ids = True
+    hf_kind = "hash"
+
+    @classmethod
+    def check(cls, cfg: Config, num_moe_layers: int) -> None:
+        moe = cfg.moe
+        rules = ((moe.moe_router_pre_softmax, "--moe-router-pre-softmax"),
+                 (moe.moe_router_score_function != "softmax",
+                  f"--moe-router-score-function {moe.moe_router_score_function}"),
+                 (moe.moe_router_enable_expert_bias, "--moe-router-enable-expert-bias"),
+                 (moe.moe_aux_loss_coeff > 0, f"--moe-aux-loss-coeff {moe.moe_aux_loss_coeff}"),
+                 (moe.moe_z_loss_coeff > 0, f"--moe-z-loss-coeff {moe.moe_z_loss_coeff}"))
+        for bad, flag in rules:
+            if bad:
+                raise ConfigError(f"{flag} does not apply to --router-type hash (it has no "
+                                  "scores: a fixed table, weights 1/k)")
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
+                 seed: int = 0, init_std: float = 0.02, vocab_size: Optional[int] = None
+                 ) -> None:
+        super().__init__(cfg, hidden_size, layer_number, moe_index, seed, init_std)
+        if vocab_size is None:
+            raise ValueError("--router-type hash needs the vocabulary size")
+        self.shared = cfg.hash_shared
+        self.assignment = cfg.hash_assignment
+        gen = torch.Generator().manual_seed(self._table_seed())
+        self.register_buffer(
+            "table", random_hash_table(vocab_size, self.num_experts, self.topk, gen),
+            persistent=True)
+
+    def _table_seed(self) -> int:
+        return mix_seed(self.seed, 0x4A54, -1 if self.shared else self.layer_number)
+
+    @torch.no_grad()
+    def set_table(self, table_VK: Tensor, relabel: bool = True) -> None:
+        """Use `table_VK` (e.g. `balanced_hash_table`); with per-layer tables and `relabel`,
+        experts are renamed by this layer's seeded permutation."""
+        if table_VK.shape != self.table.shape:
+            raise ValueError(f"hash table of shape {tuple(table_VK.shape)}, expected "
+                             f"{tuple(self.table.shape)}")
+        if relabel and not self.shared:
+            gen = torch.Generator().manual_seed(self._table_seed())
+            table_VK = torch.randperm(self.num_experts, generator=gen)[table_VK]
+        self.table.copy_(table_VK)
+
+    def forward(self, x_TD: Tensor, ctx: Optional[RoutingContext] = None) -> RouterOutput:
+        token_ids = None if ctx is None else ctx.token_ids
+        if token_ids is None:
+            raise RuntimeError("--router-type hash needs the token ids (language models only)")
+        ids_TK = self.table.index_select(0, token_ids.reshape(-1).to(self.table.device))
+        probs_TK = torch.full(ids_TK.shape, 1.0 / self.topk, dtype=torch.float32,
+                              device=x_TD.device)
+        return self.finish(probs_TK, ids_TK.to(x_TD.device), None)
+
+
 def validate_router(cfg: Config, num_moe_layers: int) -> None:
     """The router rules of `cfg`: a registered type, no other router's options, the shared
     top-1 rule, then the router's own `check`."""
@@ -340,18 +519,39 @@ def validate_router(cfg: Config, num_moe_layers: int) -> None:
                 shown = "" if isinstance(value, bool) else f" {value}"
                 raise ConfigError(f"{_flag(opt)}{shown} applies only to --router-type "
                                   f"{other.name}, not {cls.name}")
-    if moe.moe_router_topk == 1 and not moe.moe_router_pre_softmax and cls.trainable_scores:
-        raise ConfigError(
-            f"--moe-router-topk 1 with --router-type {moe.router_type} needs "
-            "--moe-router-pre-softmax (softmax over one selected logit is always 1: no router "
-            "gradient)")
+    sigmoid = moe.moe_router_score_function == "sigmoid"
+    if sigmoid and moe.moe_router_pre_softmax:
+        raise ConfigError("--moe-router-pre-softmax and --moe-router-score-function sigmoid "
+                          "are mutually exclusive")
+    if moe.moe_router_topk == 1 and cls.trainable_scores:
+        if sigmoid:
+            raise ConfigError(
+                f"--moe-router-score-function sigmoid with --moe-router-topk 1 and "
+                f"--router-type {moe.router_type}: a weight normalised over one selected "
+                "expert is always 1 (no router gradient); use top-k >= 2 or softmax with "
+                "--moe-router-pre-softmax")
+        if not moe.moe_router_pre_softmax:
+            raise ConfigError(
+                f"--moe-router-topk 1 with --router-type {moe.router_type} needs "
+                "--moe-router-pre-softmax (softmax over one selected logit is always 1: no "
+                "router gradient)")
+    rate = moe.moe_router_bias_update_rate
+    if rate != defaults["moe_router_bias_update_rate"] and not moe.moe_router_enable_expert_bias:
+        raise ConfigError(f"--moe-router-bias-update-rate {rate} needs "
+                          "--moe-router-enable-expert-bias")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"--moe-router-bias-update-rate must be > 0, got {rate}")
     cls.check(cfg, num_moe_layers)
 
 
 def build_router(cfg: MoEConfig, hidden_size: int, layer_number: int, moe_index: int,
-                 seed: int, init_std: float) -> Router:
+                 seed: int, init_std: float, vocab_size: Optional[int] = None) -> Router:
     """Instantiate the router named by `cfg.router_type` from the registry."""
-    return ROUTERS[cfg.router_type](cfg, hidden_size, layer_number, moe_index, seed, init_std)
+    cls = ROUTERS[cfg.router_type]
+    if cls.reads_token_ids:
+        return cls(cfg, hidden_size, layer_number, moe_index, seed, init_std,
+                   vocab_size=vocab_size)
+    return cls(cfg, hidden_size, layer_number, moe_index, seed, init_std)
 
 
 BUILTIN_ROUTERS: tuple[str, ...] = tuple(ROUTERS)

@@ -15,6 +15,7 @@ the previous checkpoint and pointer intact. Loading goes through `SafeCheckpoint
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,7 +46,9 @@ _MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
                "vocab_size", "make_vocab_size_divisible_by", "disable_bias_linear",
                "disable_bias_layernorm", "untie_embeddings_and_output_weights",
                "max_position_embeddings")
-_MOE_KEYS = ("num_experts", "router_type", "moe_ffn_hidden_size", "moe_layer_freq")
+_MOE_KEYS = ("num_experts", "router_type", "moe_ffn_hidden_size", "moe_layer_freq",
+             "moe_router_score_function", "moe_router_enable_expert_bias",
+             "moe_shared_expert_intermediate_size")
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ResumeState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_steps: int = 0
+    weights_loaded: bool = False  # set by load_checkpoint (not saved)
 
 
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
@@ -101,8 +105,10 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
 
     router_keys = tuple(dict.fromkeys(f for r in ROUTERS.values() for f in r.checkpoint_fields))
     for sec, keys in (("model", _MODEL_KEYS), ("moe", _MOE_KEYS + router_keys)):
+        defaults = {f.name: f.default for f in dataclasses.fields(getattr(Config(), sec))}
         for key in keys:
-            old = saved.get(sec, {}).get(key)
+            # A field newer than the checkpoint had its default when the checkpoint was written.
+            old = saved.get(sec, {}).get(key, defaults[key])
             new = getattr(getattr(cfg, sec), key)
             if old != new:
                 flag = "--" + key.replace("_", "-")
@@ -156,11 +162,11 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no model states")
     if tr.finetune:
-        return ResumeState(0, 0)
+        return ResumeState(0, 0, weights_loaded=True)
     if not tr.no_load_rng:
         rng_path = os.path.join(path, rng_file(layout.rank))
         if not os.path.isfile(rng_path):
             raise CheckpointError(f"{rng_path} is missing (use --no-load-rng to skip)")
         rng_codec.restore(safe_load(rng_path))
     return ResumeState(run_state["iteration"], run_state["consumed_train_samples"],
-                       run_state.get("skipped_steps", 0))
+                       run_state.get("skipped_steps", 0), weights_loaded=True)

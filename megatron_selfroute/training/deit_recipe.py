@@ -9,6 +9,7 @@ import math
 
 from megatron_selfroute.config import DEIT_EPOCHS, DEIT_PRESETS, Config, ConfigError, VisionConfig
 from megatron_selfroute.models.vit import ViTConfig, apply_vit_defaults, every_second_block
+from megatron_selfroute.moe.router import ROUTERS
 
 # DeiT main.py defaults for shared flags (used unless the flag is given): field -> value.
 DEIT_TRAIN = {"lr": 5e-4, "min_lr": 1e-5, "weight_decay": 0.05, "adam_beta2": 0.999,
@@ -35,6 +36,10 @@ def resolve_model(cfg: Config, ns: argparse.Namespace) -> ViTConfig:
                           f"{vit.img_size}")
     if not 0.0 <= v.drop_path < 1.0:
         raise ConfigError(f"--drop-path must be in [0, 1), got {v.drop_path}")
+    router = ROUTERS.get(cfg.moe.router_type)
+    if cfg.moe.is_moe and router is not None and router.reads_token_ids:
+        raise ConfigError(f"--router-type {cfg.moe.router_type} reads token ids; a ViT has none "
+                          "(language models only)")
     eps, gelu = cfg.model.layernorm_epsilon, cfg.model.gelu_approximation
     apply_vit_defaults(cfg.model)
     if _given(ns, "model", "layernorm_epsilon"):

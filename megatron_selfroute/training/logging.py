@@ -14,9 +14,14 @@ from megatron_selfroute.moe.stats import routing_metrics
 from megatron_selfroute.parallel.groups import all_reduce_small
 
 
+def is_rank0() -> bool:
+    """True on global rank 0 (or without a process group)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print_rank0(*args) -> None:
     """Print on global rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(*args, flush=True)
 
 
@@ -85,7 +90,8 @@ class MetricsLogger:
             self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
 
     def routing(self, prefix: str, metrics: Optional[dict], step: int) -> None:
-        """Per-MoE-layer normalised entropy, max expert fraction and dropped fraction."""
+        """Per-MoE-layer normalised entropy, max expert fraction, dropped fraction and dead
+        experts."""
         if metrics is None:
             return
         values = {}
@@ -93,6 +99,8 @@ class MetricsLogger:
             values[f"moe_layer_{i}/normalized_entropy"] = metrics["normalized_entropy"][i]
             values[f"moe_layer_{i}/max_expert_fraction"] = metrics["max_fraction"][i]
             values[f"moe_layer_{i}/dropped_fraction"] = metrics["dropped_fraction"][i]
+            if "dead_experts" in metrics:
+                values[f"moe_layer_{i}/dead_experts"] = metrics["dead_experts"][i]
         self.scalars(f"{prefix}-routing", values, step)
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ import torch.distributed as dist
 from megatron_selfroute.arguments import validate
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
+from megatron_selfroute.moe.balancing import ExpertBiasUpdater
+from megatron_selfroute.moe.cross_layer import cross_layer_live
 from megatron_selfroute.moe.router import ROUTERS
 from megatron_selfroute.parallel.engine import (
     build_engine,
@@ -202,6 +204,7 @@ class Trainer:
     last_saved: Optional[str] = None
     iters_this_run: int = 0
     profiler: Any = None
+    bias: Optional[ExpertBiasUpdater] = None
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -238,6 +241,8 @@ class Trainer:
         if train_ds is None:
             raise ConfigError(f"--split {cfg.data.split} leaves no training data in "
                               f"--data-path {' '.join(cfg.data.data_path)}")
+        if task.init_from_data is not None and not state.weights_loaded:
+            task.init_from_data(engine.module, train_ds)
         make_loader = task.make_train_loader or (
             lambda c, ds, consumed, total, lay: batches(ds, c, consumed, total, task.collate,
                                                         lay))
@@ -250,7 +255,9 @@ class Trainer:
                    fault_hook=fault_hook or nan_injection_from_env(layout.rank),
                    result=RunResult(state.iteration),
                    accum=gradient_accumulation_steps(cfg, layout.dp),
-                   timers=Timers(tr.timing_log_level), profiler=_maybe_profiler(cfg))
+                   timers=Timers(tr.timing_log_level), profiler=_maybe_profiler(cfg),
+                   bias=ExpertBiasUpdater(engine.module, cfg.moe.moe_router_bias_update_rate,
+                                          layout.dp_group))
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -283,7 +290,10 @@ class Trainer:
                 with timers("backward", 1):
                     engine.backward(loss)
             if getattr(engine.module, "moe_layers", None):
-                self.routing.add(*engine.module.routing_counts())
+                counts, dropped = engine.module.routing_counts()
+                self.routing.add(counts, dropped)
+                if self.bias:
+                    self.bias.add(counts)
             if last and engine.own_clipping and not skip:
                 with timers("grad-clip", 2):
                     own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, self.layout)
@@ -299,6 +309,8 @@ class Trainer:
             if norm is not None and not math.isfinite(float(norm)):
                 raise TrainingError(f"non-finite gradient norm at iteration {it + 1}; last good "
                                     f"checkpoint: {last_good or 'none'}")
+        if self.bias:
+            self.bias.step(skip)  # after the optimizer step, never on a skipped one
         self.step_timer.stop()
         if self.task.after_step is not None:
             self.task.after_step(engine, it + 1)
@@ -350,6 +362,11 @@ class Trainer:
         self.logger.scalars("train", out, state.iteration)
         rstats = self.routing.reduce_and_reset(self.layout.dp_group)
         self.logger.routing("train", rstats, state.iteration)
+        if self.bias:
+            self.logger.scalars("train-routing", self.bias.stats(), state.iteration)
+        if getattr(self.engine.module, "moe_layers", None):
+            self.logger.scalars("train-routing", cross_layer_live(self.engine.module),
+                                state.iteration)
         line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "
                 f"{state.consumed_train_samples:10d} | elapsed time per iteration (ms): "
                 f"{per_iter * 1000:.1f} | learning rate {step.lr:.3E} | global batch size "
@@ -441,6 +458,21 @@ class Trainer:
             if tr.save and not (self.last_saved or "").endswith(final_tag):
                 self.save()
 
+    def run(self) -> RunResult:
+        """Train to --train-iters (or an exit), then close; returns what the run did."""
+        try:
+            while self.state.iteration < self.cfg.train.train_iters:
+                step = self.train_step()
+                self.record(step)
+                self.log(step)
+                if self.evaluate_save_exit():
+                    break
+            else:
+                self.finish()
+        finally:
+            self.close()
+        return self.result
+
     def close(self) -> None:
         """Stop the profiler, close the logger, restore the SIGTERM handler (also after an
         error)."""
@@ -458,19 +490,7 @@ def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
     """Train per `cfg` on `layout` (default: the launcher's world); returns the per-iteration
     losses. Every rank calls it. `fault_hook(loss, iteration)` may replace a loss (tests);
     by default it is MEGATRON_SELFROUTE_NAN_AT's, read once here."""
-    trainer = Trainer.setup(cfg, task, layout, extra_ds, fault_hook)
-    try:
-        while trainer.state.iteration < trainer.cfg.train.train_iters:
-            step = trainer.train_step()
-            trainer.record(step)
-            trainer.log(step)
-            if trainer.evaluate_save_exit():
-                break
-        else:
-            trainer.finish()
-    finally:
-        trainer.close()
-    return trainer.result
+    return Trainer.setup(cfg, task, layout, extra_ds, fault_hook).run()
 
 
 def _log_model(cfg: Config, layout: ParallelLayout, model: torch.nn.Module) -> None:

@@ -28,6 +28,9 @@ class Task:
     # (cfg, dataset, consumed_samples, total_samples, layout) -> iterable of batches; default:
     # the Megatron sequential order of data/samplers.py over the data-parallel ranks.
     make_train_loader: Optional[Callable[[Config, Any, int, int, ParallelLayout], Any]] = None
+    # Called once with (model, training dataset) before a run that loaded no weights trains,
+    # e.g. balanced hash tables from the training split's token frequencies.
+    init_from_data: Optional[Callable[[torch.nn.Module, Any], None]] = None
     # Called after every optimizer step with (engine, iteration), e.g. for a model EMA.
     after_step: Optional[Callable[[Any, int], None]] = None
     report_perplexity: bool = True

@@ -27,12 +27,15 @@ D, FFN, E = 16, 24, 4
 ROUTERS = list(BUILTIN_ROUTERS)
 
 
-def _cfg(router, dispatcher, capacity=None):
+def _cfg(router, dispatcher, capacity=None, **moe_opts):
     cfg = Config()
     cfg.model.hidden_size, cfg.model.ffn_hidden_size = D, FFN
+    cfg.model.vocab_size = 4096  # token ids below: rank * 1000 + position (hash reads them)
     m = cfg.moe
     m.num_experts, m.moe_router_topk, m.router_type = E, 2, router
     m.moe_token_dispatcher_type, m.moe_expert_capacity_factor = dispatcher, capacity
+    for name, value in moe_opts.items():
+        setattr(m, name, value)
     return cfg
 
 
@@ -63,15 +66,15 @@ def _layout(ep: int) -> ParallelLayout:
 def _run(layer, x, tok, weight):
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
-    y, _ = layer(x, RoutingContext(tok, None, 0))
+    y, _ = layer(x, RoutingContext(tok, tok, 0))
     (y * weight).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return y.detach(), x.grad.clone(), grads, layer.last_tokens_per_expert.clone()
 
 
-def layer_case(router, dispatcher, ep, variant="plain", capacity=None):
+def layer_case(router, dispatcher, ep, variant="plain", capacity=None, **moe_opts):
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = _cfg(router, dispatcher, capacity)
+    cfg = _cfg(router, dispatcher, capacity, **moe_opts)
     torch.manual_seed(123)
     cpu = torch.device("cpu")
     ref = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, seed=7)
@@ -81,6 +84,8 @@ def layer_case(router, dispatcher, ep, variant="plain", capacity=None):
         for p in ref.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.1)
+        if ref.router.load_bias is not None:  # a bias that moves selections
+            ref.router.load_bias.copy_(torch.tensor([0.8, -0.5, 0.3, -0.6]))
     layout = _layout(ep)
     layer = MoELayer(cfg.model, cfg.moe, layer_number=2, moe_index=0, seed=7)
     layer.parallelize(layout.ep_rank, layout.ep, layout.ep_group, cpu)
@@ -193,6 +198,12 @@ def build_cases(world: int) -> dict:
                 lambda d=disp, p=ep, v=variant: layer_case("self", d, p, v))
         cases[f"capacity/{disp}/ep{ep}"] = (
             lambda d=disp, p=ep: layer_case("learned", d, p, capacity=0.75))
+        # aux-loss-free bias with sigmoid scores (DeepSeek-V3) and with self-routing
+        cases[f"sigmoid-bias/{disp}/ep{ep}"] = (
+            lambda d=disp, p=ep: layer_case("learned", d, p, moe_router_score_function="sigmoid",
+                                            moe_router_enable_expert_bias=True))
+        cases[f"self-bias/{disp}/ep{ep}"] = (
+            lambda d=disp, p=ep: layer_case("self", d, p, moe_router_enable_expert_bias=True))
     for ep in (2, 4):
         if world % ep == 0:
             cases[f"init/ep{ep}"] = lambda p=ep: init_case(p)

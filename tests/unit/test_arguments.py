@@ -77,7 +77,7 @@ def test_alias_conflicts_are_errors():
     (["--moe-router-topk", "5"], "--moe-router-topk 5 must be between 1 and --num-experts 4"),
     (["--moe-router-topk", "1", "--router-type", "learned"], "--moe-router-pre-softmax"),
     (["--moe-router-topk", "1"], "--moe-router-pre-softmax"),
-    (["--router-type", "hash"], "--router-type 'hash' is unknown"),
+    (["--router-type", "sinkhorn"], "--router-type 'sinkhorn' is unknown"),
     (["--expert-model-parallel-size", "3"],
      "--num-experts 4 is not divisible by --expert-model-parallel-size 3"),
     (["--zero-stage", "3"], "--zero-stage 3"),

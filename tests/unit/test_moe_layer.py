@@ -14,14 +14,19 @@ D, FFN, E = 16, 24, 4
 ROUTERS = list(BUILTIN_ROUTERS)
 
 
+VOCAB = 50
+
+
 def make_layer(router, dispatcher="alltoall", k=2, capacity=None, policy="probs",
-               pre_softmax=False, seed=0):
+               pre_softmax=False, seed=0, score="softmax", bias=False):
     cfg = Config()
     cfg.model.hidden_size, cfg.model.ffn_hidden_size = D, FFN
+    cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by = VOCAB, 1
     m = cfg.moe
     m.num_experts, m.moe_router_topk, m.router_type = E, k, router
     m.moe_expert_capacity_factor, m.moe_token_drop_policy = capacity, policy
     m.moe_router_pre_softmax, m.moe_token_dispatcher_type = pre_softmax, dispatcher
+    m.moe_router_score_function, m.moe_router_enable_expert_bias = score, bias
     torch.manual_seed(seed)
     layer = MoELayer(cfg.model, m, layer_number=3, moe_index=0, seed=seed)
     layer.parallelize(0, 1, None, torch.device("cpu"))
@@ -30,6 +35,8 @@ def make_layer(router, dispatcher="alltoall", k=2, capacity=None, policy="probs"
         for p in layer.parameters():
             if p.dim() == 1:
                 p.normal_(0, 0.1)
+        if bias:  # large enough to move selections (checked below)
+            layer.router.load_bias.copy_(torch.tensor([1.5, -1.0, 0.5, -2.0]))
     return layer
 
 
@@ -47,19 +54,35 @@ def naive_logits(layer, x_t, t):
     return r.logits(x_t.unsqueeze(0), RoutingContext(torch.tensor([t]), None, 0))[0]
 
 
-def naive_moe(layer, x_TD, k, capacity=None, policy="probs", pre_softmax=False):
+def naive_selection(layer, x_t, t, token_id, k, pre_softmax, score):
+    """(experts, weights) of one token from the definitions: hash = table row, weights 1/k;
+    the bias b (zero without one) is added to what top-k compares, never to the weights."""
+    r = layer.router
+    if type(r).__name__ == "HashRouter":
+        return [int(e) for e in r.table[token_id]], [torch.tensor(1.0 / k)] * k
+    z = naive_logits(layer, x_t, t)
+    b = r.load_bias if r.load_bias is not None else torch.zeros(E)
+    if score == "sigmoid":
+        s = torch.sigmoid(z)
+        order = sorted(range(E), key=lambda e: -(s[e] + b[e]).item())[:k]
+        total = sum(s[e] for e in order)
+        return order, [s[e] / total for e in order]
+    if pre_softmax:
+        p_all = torch.softmax(z, 0)
+        order = sorted(range(E), key=lambda e: -(p_all[e] + b[e]).item())[:k]
+        return order, [p_all[e] for e in order]
+    order = sorted(range(E), key=lambda e: -(z[e] + b[e]).item())[:k]
+    return order, list(torch.softmax(torch.stack([z[e] for e in order]), 0))
+
+
+def naive_moe(layer, x_TD, k, capacity=None, policy="probs", pre_softmax=False,
+              score="softmax", token_ids=None):
     """Loop over tokens and their top-k experts; capacity applied per expert by a plain sort."""
     num_tokens = x_TD.shape[0]
     routes = []  # (token, expert, prob, rank within token)
     for t in range(num_tokens):
-        z = naive_logits(layer, x_TD[t], t)
-        order = sorted(range(E), key=lambda e: -z[e].item())[:k]
-        if pre_softmax:
-            p_all = torch.softmax(z, 0)
-            probs = [p_all[e] for e in order]
-        else:
-            sel = torch.stack([z[e] for e in order])
-            probs = list(torch.softmax(sel, 0))
+        tid = None if token_ids is None else int(token_ids[t])
+        order, probs = naive_selection(layer, x_TD[t], t, tid, k, pre_softmax, score)
         for j, e in enumerate(order):
             routes.append((t, e, probs[j], j))
     kept = set(range(len(routes)))
@@ -95,7 +118,13 @@ CASES = [
     dict(k=3),
     dict(k=2, capacity=0.5, policy="probs"),
     dict(k=2, capacity=0.75, policy="position"),
+    dict(k=2, score="sigmoid"),
+    dict(k=3, score="sigmoid", bias=True),
+    dict(k=2, bias=True),
+    dict(k=2, pre_softmax=True, bias=True),
+    dict(k=2, score="sigmoid", bias=True, capacity=0.5),
 ]
+SCORED = ("pre_softmax", "score", "bias")  # not for hash (it has no scores)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -104,26 +133,43 @@ def test_layer_matches_naive_reference(router, dispatcher):
     for case in CASES:
         if router == "random" and case["k"] == 1:
             continue
+        if router == "hash" and any(case.get(key) not in (None, False, "softmax")
+                                    for key in SCORED):
+            continue
         k = case["k"]
         layer = make_layer(router, dispatcher, k=k, capacity=case.get("capacity"),
                            policy=case.get("policy", "probs"),
-                           pre_softmax=case.get("pre_softmax", False))
+                           pre_softmax=case.get("pre_softmax", False),
+                           score=case.get("score", "softmax"), bias=case.get("bias", False))
         x = torch.randn(3, 7, D)
+        tokens = torch.randint(0, VOCAB, (3, 7))
+        tokens[1] = tokens[0]  # repeated ids: the same experts for hash
+        ctx = RoutingContext(None, tokens, 0)
         x1 = x.clone().requires_grad_(True)
-        y, _ = layer(x1)
+        y, _ = layer(x1, ctx)
         (y * torch.linspace(-1, 1, D)).sum().backward()
         got = grads_of(layer, x1)
         layer.zero_grad()
         x2 = x.clone().requires_grad_(True)
         ref, ref_dropped = naive_moe(layer, x2.view(-1, D), k, case.get("capacity"),
-                                     case.get("policy", "probs"), case.get("pre_softmax", False))
+                                     case.get("policy", "probs"), case.get("pre_softmax", False),
+                                     case.get("score", "softmax"), tokens.view(-1))
+        if case.get("bias"):  # the bias must actually change some token's experts
+            plain = make_layer(router, dispatcher, k=k, pre_softmax=case.get("pre_softmax", False),
+                               score=case.get("score", "softmax"))
+            plain.load_state_dict({n: t for n, t in layer.state_dict().items()
+                                   if "load_bias" not in n})
+            plain(x, ctx)
+            assert not torch.equal(plain.last_ids, layer.last_ids), case
         (ref.view(3, 7, D) * torch.linspace(-1, 1, D)).sum().backward()
         want = grads_of(layer, x2)
         torch.testing.assert_close(y.view(-1, D), ref, atol=1e-5, rtol=1e-4, msg=str(case))
         assert int(layer.last_dropped) == ref_dropped, case
         if case.get("capacity"):
             assert ref_dropped > 0, "the case must actually drop routes"
-        assert set(got) == set(want)
+        for name in set(got) - set(want):  # an expert no token chose: zero gradient, if any
+            assert not got[name].any(), (case, name)
+        assert set(want) <= set(got)
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4,
                                        msg=f"{case} grad {name}")

@@ -12,7 +12,11 @@ class SelfRouteGPTConfig(PretrainedConfig):
     [`self_route_starts[i]`, + `num_experts`) of the MoE layer's (post-LayerNorm) input; `learned`
     multiplies by a learned [experts, hidden] matrix; `fixed-random` by a frozen one. Routing is
     dropless (no expert capacity) and the k selected logits are softmaxed (or, with
-    `moe_router_pre_softmax`, all logits before top-k).
+    `moe_router_pre_softmax`, all logits before top-k; with `moe_router_score_function`
+    "sigmoid", the k largest sigmoid scores are normalised over the k). `hash` looks each token
+    id up in a [`hash_table_size`, k] table, weights 1/k. With `moe_router_enable_expert_bias`
+    a per-expert `load_bias` buffer is added for selection only. `shared_expert_intermediate_size`
+    adds a dense MLP every token of an MoE block passes through.
     """
 
     model_type = "selfroute_gpt"
@@ -27,7 +31,11 @@ class SelfRouteGPTConfig(PretrainedConfig):
                  moe_router_pre_softmax: bool = False, bias_linear: bool = True,
                  bias_layernorm: bool = True, layer_norm_epsilon: float = 1e-5,
                  gelu_approximation: str = "tanh", tie_word_embeddings: bool = True,
-                 megatron_selfroute_config: dict | None = None, **kwargs) -> None:
+                 megatron_selfroute_config: dict | None = None,
+                 moe_router_score_function: str = "softmax",
+                 moe_router_enable_expert_bias: bool = False,
+                 shared_expert_intermediate_size: int | None = None,
+                 hash_table_size: int = 0, **kwargs) -> None:
         self.vocab_size = vocab_size
         self.n_positions = n_positions
         self.hidden_size = hidden_size
@@ -45,6 +53,10 @@ class SelfRouteGPTConfig(PretrainedConfig):
         self.bias_layernorm = bias_layernorm
         self.layer_norm_epsilon = layer_norm_epsilon
         self.gelu_approximation = gelu_approximation
+        self.moe_router_score_function = moe_router_score_function
+        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.hash_table_size = hash_table_size
         # The training configuration, kept so the export converts back without loss.
         self.megatron_selfroute_config = megatron_selfroute_config
         kwargs.setdefault("use_cache", False)

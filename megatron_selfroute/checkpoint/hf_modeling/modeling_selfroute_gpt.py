@@ -3,7 +3,8 @@
 Copied next to the weights by `tools/checkpoint/convert.py --to hf` and loaded with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. It imports only torch and
 transformers and re-implements the inference path of the training model: pre-LayerNorm GPT-2
-blocks whose MLP is dense or a dropless top-k mixture of GPT-2 MLP experts. Weights use
+blocks whose MLP is dense or a dropless top-k mixture of GPT-2 MLP experts (plus an optional
+shared expert `shared_mlp` every token passes through). Weights use
 `nn.Linear` layout ([out, in]) and the names of the training model, experts as
 `transformer.h.{i}.mlp.experts.{e}`.
 
@@ -40,7 +41,7 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """fp32 expert logits [T, E] from the MoE layer input x [T, D]."""
+    """fp32 expert logits [T, E] from the MoE layer input x [T, D] (hash: a token-id table)."""
 
     def __init__(self, config: SelfRouteGPTConfig, moe_index: int) -> None:
         super().__init__()
@@ -53,8 +54,16 @@ class Router(nn.Module):
             self.weight = nn.Parameter(torch.zeros(e, d))
         elif self.kind == "fixed-random":
             self.register_buffer("proj", torch.zeros(e, d), persistent=True)
+        elif self.kind == "hash":
+            self.register_buffer("table", torch.zeros(config.hash_table_size,
+                                                      config.moe_router_topk, dtype=torch.long),
+                                 persistent=True)
         else:
             raise ValueError(f"router type {self.kind!r} is not supported by this model")
+        if config.moe_router_enable_expert_bias:  # selection only, fp32
+            self.register_buffer("load_bias", torch.zeros(e), persistent=True)
+        else:
+            self.load_bias = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "self":
@@ -70,18 +79,34 @@ class MoE(nn.Module):
         super().__init__()
         self.topk = config.moe_router_topk
         self.pre_softmax = config.moe_router_pre_softmax
+        self.sigmoid = config.moe_router_score_function == "sigmoid"
         self.router = Router(config, moe_index)
         self.experts = nn.ModuleList(MLP(config, config.moe_ffn_hidden_size)
                                      for _ in range(config.num_experts))
 
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        x = x_BSD.reshape(-1, x_BSD.shape[-1])
+    def select(self, x: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights, expert ids) [T, k]; the bias moves the selection, never the weights."""
+        k = self.topk
+        if self.router.kind == "hash":
+            ids = self.router.table[input_ids.reshape(-1)]
+            return torch.full(ids.shape, 1.0 / k, device=x.device), ids
         logits = self.router(x)
+        bias = self.router.load_bias
+        if self.sigmoid:
+            scores = torch.sigmoid(logits)
+            ids = torch.topk(scores if bias is None else scores + bias, k, dim=-1)[1]
+            picked = scores.gather(1, ids)
+            return picked / (picked.sum(-1, keepdim=True) + 1e-20), ids
         if self.pre_softmax:
-            probs, ids = torch.topk(torch.softmax(logits, -1), self.topk, dim=-1)
-        else:
-            top, ids = torch.topk(logits, self.topk, dim=-1)
-            probs = torch.softmax(top, -1)
+            scores = torch.softmax(logits, -1)
+            ids = torch.topk(scores if bias is None else scores + bias, k, dim=-1)[1]
+            return scores.gather(1, ids), ids
+        ids = torch.topk(logits if bias is None else logits + bias, k, dim=-1)[1]
+        return torch.softmax(logits.gather(1, ids), -1), ids
+
+    def forward(self, x_BSD: Tensor, input_ids: Tensor) -> Tensor:
+        x = x_BSD.reshape(-1, x_BSD.shape[-1])
+        probs, ids = self.select(x, input_ids)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e, expert in enumerate(self.experts):
             token, slot = torch.nonzero(ids == e, as_tuple=True)
@@ -120,11 +145,20 @@ class Block(nn.Module):
         self.ln_1 = _layer_norm(config)
         self.attn = Attention(config)
         self.ln_2 = _layer_norm(config)
+        self.is_moe = is_moe
         self.mlp = MoE(config, moe_index) if is_moe else MLP(config, config.ffn_hidden_size)
+        shared = config.shared_expert_intermediate_size
+        self.shared_mlp = MLP(config, shared) if is_moe and shared else None
 
-    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor], input_ids: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask)
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        if not self.is_moe:
+            return x + self.mlp(h)
+        y = self.mlp(h, input_ids)
+        if self.shared_mlp is not None:
+            y = y + self.shared_mlp(h)
+        return x + y
 
 
 class SelfRouteGPTForCausalLM(PreTrainedModel, GenerationMixin):
@@ -176,7 +210,7 @@ class SelfRouteGPTForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
         for block in self.transformer.h:
-            x = block(x, mask)
+            x = block(x, mask, input_ids)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if labels is not None:
