@@ -87,6 +87,28 @@ def test_alias_conflicts_are_errors():
     (["--fixed-random-shared"], "--fixed-random-shared"),
     (["--hidden-dropout", "1.5"], "--hidden-dropout"),
     (["--train-iters", "5", "--train-samples", "10"], "mutually exclusive"),
+    # issue 16: routers and balancing
+    (["--router-type", "hash", "--moe-router-pre-softmax"],
+     "--moe-router-pre-softmax does not apply to --router-type hash"),
+    (["--router-type", "hash", "--moe-router-enable-expert-bias"],
+     "--moe-router-enable-expert-bias does not apply to --router-type hash"),
+    (["--router-type", "hash", "--moe-aux-loss-coeff", "0.01"], "--moe-aux-loss-coeff 0.01"),
+    (["--router-type", "learned", "--hash-shared"],
+     "--hash-shared applies only to --router-type hash"),
+    (["--hash-assignment", "balanced"], "--hash-assignment balanced applies only to"),
+    (["--moe-router-score-function", "sigmoid", "--moe-router-topk", "1"],
+     "--moe-router-score-function sigmoid with --moe-router-topk 1"),
+    (["--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"],
+     "mutually exclusive"),
+    (["--moe-router-bias-update-rate", "0.01"], "needs --moe-router-enable-expert-bias"),
+    (["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "-1"],
+     "--moe-router-bias-update-rate must be > 0"),
+    (["--moe-shared-expert-intermediate-size", "0"],
+     "--moe-shared-expert-intermediate-size must be >= 1"),
+    (["--router-type", "fixed-random", "--fixed-random-init", "orthogonal", "--num-experts",
+      "40"], "--fixed-random-init orthogonal needs --num-experts 40 <= --hidden-size 32"),
+    (["--router-type", "learned", "--fixed-random-init", "orthogonal"],
+     "--fixed-random-init orthogonal applies only to --router-type fixed-random"),
 ])
 def test_validation_messages(flags, needle):
     assert needle in error_of(*flags)
@@ -97,6 +119,10 @@ def test_valid_corner_cases_pass():
     cfg_of("--moe-router-topk", "1", "--moe-router-pre-softmax", "--router-type", "learned")
     cfg_of("--num-experts", "8", "--self-route-dims", "per-layer")  # 8 x 4 == 32 fits exactly
     cfg_of("--num-experts", "32")  # N == H is allowed
+    cfg_of("--router-type", "hash", "--moe-router-topk", "1")  # weights 1/k: nothing to train
+    cfg_of("--router-type", "self", "--moe-router-enable-expert-bias")
+    cfg_of("--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+           "--moe-router-bias-update-rate", "0.01", "--router-type", "learned")
 
 
 def test_global_batch_divisibility_names_flags():
