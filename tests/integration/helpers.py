@@ -38,7 +38,8 @@ def random_model(cfg: Config, seed: int = 0, scale: float = 0.1) -> GPTModel:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, t in list(model.named_parameters()) + list(model.named_buffers()):
-            t.add_(torch.randn(t.shape, generator=gen) * scale)
+            if t.is_floating_point():  # not hash tables (ids)
+                t.add_(torch.randn(t.shape, generator=gen) * scale)
     return model.eval()
 
 

@@ -47,6 +47,14 @@ CASES = {
     "self-mixed-nobias": ("self", {"disable_bias_linear": True}, {"moe_layer_freq": "[0,1]"}),
     "learned": ("learned", {}, {}),
     "fixed-random-untied": ("fixed-random", {"untie_embeddings_and_output_weights": True}, {}),
+    # issue 16: the routers and balancing options with a Hugging Face form
+    "hash-shared": ("hash", {}, {"hash_shared": True, "moe_router_topk": 3}),
+    "learned-sigmoid-bias-shared": ("learned", {}, {"moe_router_score_function": "sigmoid",
+                                                    "moe_router_enable_expert_bias": True,
+                                                    "moe_shared_expert_intermediate_size": 24}),
+    "self-bias-presoftmax": ("self", {}, {"moe_router_enable_expert_bias": True,
+                                          "moe_router_pre_softmax": True}),
+    "fixed-random-orthogonal": ("fixed-random", {}, {"fixed_random_init": "orthogonal"}),
 }
 
 
@@ -116,7 +124,8 @@ def test_import_hf_gpt2_equals_transformers(tmp_path):
         torch.testing.assert_close(again.state_dict()[name], t, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["fixed-random-untied", "self-mixed-nobias"])
+@pytest.mark.parametrize("case", ["fixed-random-untied", "self-mixed-nobias", "hash-shared",
+                                  "learned-sigmoid-bias-shared"])
 def test_every_conversion_keeps_every_tensor(tmp_path, case):
     """consolidated -> DeepSpeed EP=2 -> consolidated -> HF -> consolidated: all tensors equal
     (padded vocabulary rows aside), including a perturbed fixed-random router projection."""

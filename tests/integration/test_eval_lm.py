@@ -77,8 +77,12 @@ def setup(tmp_path_factory):
     tasks_dir = root / "tasks"
     tasks_dir.mkdir()
     out = {"tasks": write_tasks(tasks_dir)}
-    for kind, router in (("moe", "self"), ("dense", None)):
+    for kind, router in (("moe", "self"), ("dense", None), ("sigmoid-bias-shared", "learned")):
         cfg = tiny_config(router, vocab=50257, seq=64, tokenizer="GPT2BPETokenizer")
+        if kind == "sigmoid-bias-shared":  # issue 16's options in the remote-code model
+            cfg.moe.moe_router_score_function = "sigmoid"
+            cfg.moe.moe_router_enable_expert_bias = True
+            cfg.moe.moe_shared_expert_intermediate_size = 24
         ckpt = save_model(random_model(cfg, seed=3, scale=0.2), root / kind)
         export_hf(load_checkpoint(str(ckpt)), str(root / f"{kind}_hf"), str(ckpt))
         out[kind] = (str(ckpt), str(root / f"{kind}_hf"))
@@ -100,8 +104,9 @@ def _close(a, b) -> bool:
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-4)
 
 
-@pytest.mark.parametrize("kind,tasks", [("moe", list(TASKS)), ("dense", ["local_wikitext",
-                                                                       "local_mc"])])
+@pytest.mark.parametrize("kind,tasks", [("moe", list(TASKS)),
+                                        ("dense", ["local_wikitext", "local_mc"]),
+                                        ("sigmoid-bias-shared", ["local_wikitext", "local_mc"])])
 def test_scores_equal_lm_eval_hf_model(setup, kind, tasks):
     from megatron_selfroute.eval.lm_eval_adapter import MegatronSelfRouteLM
     from megatron_selfroute.eval.lm_eval_report import evaluate
@@ -110,7 +115,7 @@ def test_scores_equal_lm_eval_hf_model(setup, kind, tasks):
     ours = evaluate(MegatronSelfRouteLM(ckpt, batch_size=3), tasks, setup["tasks"],
                     batch_size=3, log_samples=True)
     theirs = evaluate("hf", tasks, setup["tasks"], batch_size=3, log_samples=True,
-                      model_args={"pretrained": hf_dir, "trust_remote_code": kind == "moe",
+                      model_args={"pretrained": hf_dir, "trust_remote_code": kind != "dense",
                                   "device": "cpu"})
     for task in tasks:
         mine, ref = _per_request(ours, task), _per_request(theirs, task)

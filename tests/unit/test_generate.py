@@ -21,7 +21,7 @@ PROMPT = "To be, or not to be, that is"
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     out = {}
-    for kind, router in (("moe", "learned"), ("dense", None)):
+    for kind, router in (("moe", "learned"), ("dense", None), ("hash", "hash")):
         cfg = tiny_config(router, vocab=50257, seq=32, tokenizer="GPT2BPETokenizer")
         out[kind] = str(save_model(random_model(cfg, seed=2, scale=0.3), root / kind))
     return out
@@ -43,13 +43,13 @@ def test_sampling_is_deterministic_for_a_seed(checkpoints):
     assert first.startswith(PROMPT) and len(first) > len(PROMPT)
 
 
-@pytest.mark.parametrize("kind", ["moe", "dense"])
+@pytest.mark.parametrize("kind", ["moe", "dense", "hash"])
 def test_greedy_equals_transformers_generate(checkpoints, kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
     export_hf(load_checkpoint(checkpoints[kind]), str(tmp_path / "hf"), checkpoints[kind])
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
-                                              trust_remote_code=kind == "moe").eval()
+                                              trust_remote_code=kind != "dense").eval()
     tok = build_tokenizer("GPT2BPETokenizer")
     ids = torch.tensor([tok.tokenize(PROMPT)])
     with torch.no_grad():

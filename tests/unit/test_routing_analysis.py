@@ -84,8 +84,23 @@ def test_fractions_entropy_and_max_equal_hand_computation(tmp_path, dataset):
     assert res["B"]["normalized_entropy"][1] == pytest.approx(0.5)  # log 2 / log 4
     csv_rows = (out / "routing.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 4 and csv_rows[0].startswith("label,moe_layer,block")
-    for name in ("entropy.png", "max_fraction.png", "heatmap_0_A.png", "heatmap_1_B.png"):
+    for name in ("entropy.png", "max_fraction.png", "heatmap_0_A.png", "heatmap_1_B.png",
+                 "cross_layer_0_A.png", "cross_layer_1_B.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # dead experts: fraction below 1 / (10 x 4)
+    assert res["A"]["dead_experts"] == [0, 1] and res["B"]["dead_experts"] == [0, 2]
+    # cross-layer, B: block 1 sends every token to {0, 1} with expert 0 first, block 0 sends
+    # even tokens to {0, 1}: top-k overlap = even / n; block 1's top-1 has no entropy: NMI 0
+    cb = res["B"]["cross_layer"]
+    assert cb["topk_overlap"][0][1] == pytest.approx(even / n, abs=1e-12)
+    assert cb["chance_agreement"][0][1] == pytest.approx(cb["identity_agreement"][0][1])
+    assert cb["nmi"][0][1] == 0.0 and cb["tokens"] == n
+    for label in ("A", "B"):  # the crafted routing follows the token id only: the id-shuffled
+        c = res[label]["cross_layer"]  # baseline equals the raw value
+        assert c["shuffled_identity_agreement"][0][1] == c["identity_agreement"][0][1]
+        assert c["shuffled_nmi"][1][0] == pytest.approx(c["nmi"][1][0], abs=1e-12)
+    rows = (out / "cross_layer.csv").read_text().splitlines()
+    assert rows[0].startswith("label,block_l,block_m,identity_agreement") and len(rows) == 5
 
 
 def test_errors_are_one_line(tmp_path, dataset):
