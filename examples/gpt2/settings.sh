@@ -32,6 +32,19 @@
 
 MSR_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MSR_ROWS=(dense learned self fixed_random random)
+# Extra rows (not in the paper's Table 1): the field's routers and balancing as baselines, and the
+# 2 x 2 design {coordinates, rotation} x {same subspace in every layer, one per layer}:
+#   hash                   Roller et al. hash layers, a random token-id table per layer
+#   hash_balanced          the same, ids assigned greedily by training-split frequency
+#   self_bias              self-routing + aux-loss-free expert bias (none of the anchors has it)
+#   learned_bias           learned router + expert bias (Megatron core's aux-loss-free default)
+#   learned_sigmoid_bias   DeepSeek-V3 routing: sigmoid scores + expert bias
+#   self_shared            self-routing + one shared expert of the dense FFN size
+#   self_per_layer         self-routing, disjoint coordinates per layer
+#   fixed_random_orthogonal         a random rotation per layer (norm-matched rows)
+#   fixed_random_orthogonal_shared  one random rotation for every layer
+MSR_EXTRA_ROWS=(hash hash_balanced self_bias learned_bias learned_sigmoid_bias self_shared
+  self_per_layer fixed_random_orthogonal fixed_random_orthogonal_shared)
 
 SCALE="${SCALE:-paper}"
 case "$SCALE" in
@@ -139,26 +152,41 @@ EP="${EP:-$(msr_default_ep)}"
 
 # Normalise a row name (fixed-random and fixed_random are the same row).
 msr_row_name() {
+  local r
   case "$1" in
-    dense | learned | self | random) echo "$1" ;;
-    fixed_random | fixed-random) echo fixed_random ;;
-    *)
-      echo "unknown row '$1': expected one of ${MSR_ROWS[*]}" >&2
-      return 2
-      ;;
+    fixed-random) echo fixed_random; return 0 ;;
   esac
+  for r in "${MSR_ROWS[@]}" "${MSR_EXTRA_ROWS[@]}"; do
+    if [ "$1" = "$r" ]; then echo "$1"; return 0; fi
+  done
+  echo "unknown row '$1': expected one of ${MSR_ROWS[*]} ${MSR_EXTRA_ROWS[*]}" >&2
+  return 2
 }
 
 # ROUTER_ARGS for a Table 1 row: the only flags that differ between rows.
 msr_router_args() {
   local row
   row="$(msr_row_name "$1")" || return 2
+  local moe=(--num-experts "$NUM_EXPERTS" --moe-router-topk "$TOPK" --moe-aux-loss-coeff 0
+    --expert-model-parallel-size "$EP")
+  local bias=(--moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-3)
   case "$row" in
     dense) ROUTER_ARGS=() ;;
-    fixed_random) ROUTER_ARGS=(--num-experts "$NUM_EXPERTS" --moe-router-topk "$TOPK"
-      --router-type fixed-random --moe-aux-loss-coeff 0 --expert-model-parallel-size "$EP") ;;
-    *) ROUTER_ARGS=(--num-experts "$NUM_EXPERTS" --moe-router-topk "$TOPK"
-      --router-type "$row" --moe-aux-loss-coeff 0 --expert-model-parallel-size "$EP") ;;
+    fixed_random) ROUTER_ARGS=("${moe[@]}" --router-type fixed-random) ;;
+    hash) ROUTER_ARGS=("${moe[@]}" --router-type hash) ;;
+    hash_balanced) ROUTER_ARGS=("${moe[@]}" --router-type hash --hash-assignment balanced) ;;
+    self_bias) ROUTER_ARGS=("${moe[@]}" --router-type self "${bias[@]}") ;;
+    learned_bias) ROUTER_ARGS=("${moe[@]}" --router-type learned "${bias[@]}") ;;
+    learned_sigmoid_bias) ROUTER_ARGS=("${moe[@]}" --router-type learned
+      --moe-router-score-function sigmoid "${bias[@]}") ;;
+    self_shared) ROUTER_ARGS=("${moe[@]}" --router-type self
+      --moe-shared-expert-intermediate-size $((4 * HIDDEN))) ;;
+    self_per_layer) ROUTER_ARGS=("${moe[@]}" --router-type self --self-route-dims per-layer) ;;
+    fixed_random_orthogonal) ROUTER_ARGS=("${moe[@]}" --router-type fixed-random
+      --fixed-random-init orthogonal) ;;
+    fixed_random_orthogonal_shared) ROUTER_ARGS=("${moe[@]}" --router-type fixed-random
+      --fixed-random-init orthogonal --fixed-random-shared) ;;
+    *) ROUTER_ARGS=("${moe[@]}" --router-type "$row") ;;
   esac
 }
 

@@ -91,6 +91,46 @@ def test_rows_are_the_paper_setting_and_differ_only_in_the_router(tmp_path):
     assert counts["dense"] < counts["self"]
 
 
+EXTRA = {  # issue 16's extra rows: the flags each adds to the paper's MoE setting
+    "hash": {"--router-type": "hash"},
+    "hash_balanced": {"--router-type": "hash", "--hash-assignment": "balanced"},
+    "self_bias": {"--router-type": "self", "--moe-router-enable-expert-bias": True,
+                  "--moe-router-bias-update-rate": "1e-3"},
+    "learned_bias": {"--router-type": "learned", "--moe-router-enable-expert-bias": True,
+                     "--moe-router-bias-update-rate": "1e-3"},
+    "learned_sigmoid_bias": {"--router-type": "learned", "--moe-router-score-function": "sigmoid",
+                             "--moe-router-enable-expert-bias": True,
+                             "--moe-router-bias-update-rate": "1e-3"},
+    "self_shared": {"--router-type": "self", "--moe-shared-expert-intermediate-size": "3072"},
+    "self_per_layer": {"--router-type": "self", "--self-route-dims": "per-layer"},
+    "fixed_random_orthogonal": {"--router-type": "fixed-random",
+                                "--fixed-random-init": "orthogonal"},
+    "fixed_random_orthogonal_shared": {"--router-type": "fixed-random",
+                                       "--fixed-random-init": "orthogonal",
+                                       "--fixed-random-shared": True},
+}
+
+
+def test_extra_rows_add_only_their_router_flags(tmp_path):
+    """Each extra row = the paper's MoE setting + its own flags, valid for the trainer; the
+    paper's five rows are untouched (the test above)."""
+    base = flags(trainer_argv(row_command("self", GPUS_PER_NODE=8, OUT_DIR=tmp_path)))
+    base.pop("--router-type")
+    for row, extra in EXTRA.items():
+        argv = trainer_argv(row_command(row, GPUS_PER_NODE=8, OUT_DIR=tmp_path))
+        f = flags(argv)
+        got = {k: v for k, v in f.items() if k not in base or k == "--router-type"}
+        assert got == extra, row
+        same = {k: (str(v).replace(f"/{row}/", "/self/") if isinstance(v, str) else v)
+                for k, v in f.items() if k in base}
+        assert same == base, row
+        cfg = config_of(argv, world=8)
+        assert cfg.moe.num_experts == 8 and cfg.moe.moe_aux_loss_coeff == 0
+    tiny = trainer_argv(row_command("self_per_layer", SCALE="tiny", GPUS_PER_NODE=1,
+                                    OUT_DIR=tmp_path))
+    config_of(tiny, world=1)  # 8 experts x 2 layers fit hidden 64
+
+
 def test_launchers_and_knobs(tmp_path):
     common = dict(SCALE="tiny", OUT_DIR=tmp_path)
     one = row_command("self", **common, GPUS_PER_NODE=1)  # 1 process: plain python
