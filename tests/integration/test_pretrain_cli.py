@@ -73,6 +73,26 @@ def run_cli(*argv):
                           capture_output=True, text=True, timeout=120)
 
 
+def test_balancing_and_cross_layer_scalars_in_tensorboard(tmp_path):
+    """Issue 16's live scalars: per-layer expert bias and dead experts, cross-layer agreement."""
+    tb = tmp_path / "tb"
+    argv = TINY + MOCK + ["--router-type", "learned", "--moe-router-enable-expert-bias",
+                          "--moe-router-score-function", "sigmoid", "--micro-batch-size", "2",
+                          "--train-iters", "3", "--tensorboard-dir", str(tb)]
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rng, tags = scalars(tb, "train-routing/moe_layer_1/expert_bias_range")
+    assert sorted(rng) == [1, 2, 3] and rng[3] > 0  # the bias moved
+    for tag in ("train-routing/moe_layer_0/dead_experts",
+                "train-routing/moe_layer_0/expert_bias_max_abs",
+                "train-routing/cross_layer/identity_agreement",
+                "train-routing/cross_layer/chance_agreement"):
+        assert tag in tags, tags
+    agree, _ = scalars(tb, "train-routing/cross_layer/identity_agreement")
+    assert all(0 <= v <= 1 for v in agree.values())
+
+
 def test_bad_flags_fail_before_any_work(tmp_path):
     save = tmp_path / "save"
     cases = [

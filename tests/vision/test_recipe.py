@@ -46,6 +46,7 @@ def test_given_flags_win_over_deit_defaults():
     (["--batch-size", "7"], "--batch-size 7 must be even"),
     (["--img-size", "30", "--patch-size", "8"], "--patch-size 8 does not divide"),
     (["--batch-size", "512"], "fewer than the global batch"),
+    (["--num-experts", "4", "--router-type", "hash"], "--router-type hash reads token ids"),
 ])
 def test_bad_combinations_fail_in_one_line(argv, message):
     with pytest.raises(ConfigError, match=message) as err:
