@@ -102,7 +102,8 @@ def test_bad_flags_fail_before_any_work(tmp_path):
         (["--hidden-size", "30", "--num-attention-heads", "4"], "does not divide"),
         (["--num-experts", "4", "--moe-router-topk", "1", "--router-type", "learned"],
          "--moe-router-pre-softmax"),
-        (["--num-experts", "4", "--router-type", "sinkhorn"], "--router-type 'sinkhorn' is unknown"),
+        (["--num-experts", "4", "--router-type", "sinkhorn"],
+         "--router-type 'sinkhorn' is unknown"),
     ]
     for argv, needle in cases:
         r = run_cli(*TINY[:8], *argv, "--mock-data", "--train-iters", "1", "--save", str(save))
