@@ -9,9 +9,11 @@ import torch
 
 from megatron_selfroute.checkpoint.safe_load import safe_globals
 from megatron_selfroute.moe.router import BUILTIN_ROUTERS
+from megatron_selfroute.moe.router import ROUTERS as REGISTRY
 from tests.vision.train_cases import run_layout
 
-ROUTERS = list(BUILTIN_ROUTERS)
+# every router a ViT can use (hash reads token ids: language models only, refused for ViT)
+ROUTERS = [r for r in BUILTIN_ROUTERS if not REGISTRY[r].reads_token_ids]
 # augmentation off so a 30-step run shows learning clearly
 EASY = ["--batch-size", "8", "--epochs", "5", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
         "--aa", "none", "--smoothing", "0", "--no-repeated-aug", "--drop-path", "0",
