@@ -11,7 +11,11 @@ import torch
 
 from megatron_selfroute.arguments import parse_args
 from megatron_selfroute.config import Config
-from megatron_selfroute.data.gpt_dataset import build_train_valid_test_datasets, collate_gpt_samples
+from megatron_selfroute.data.gpt_dataset import (
+    build_split_path_datasets,
+    build_train_valid_test_datasets,
+    collate_gpt_samples,
+)
 from megatron_selfroute.data.samplers import MockGPTDataset
 from megatron_selfroute.data.token_frequency import token_frequencies
 from megatron_selfroute.data.tokenizer import build_tokenizer
@@ -60,13 +64,18 @@ def make_task(cfg: Config) -> Task:
         if d.mock_data:
             return tuple(MockGPTDataset(n, m.seq_length, m.vocab_size, cfg.train.seed + i)
                          for i, n in enumerate(num_samples))
+        options = dict(cache_dir=d.data_cache_path, reset_position_ids=d.reset_position_ids,
+                       reset_attention_mask=d.reset_attention_mask,
+                       eod_mask_loss=d.eod_mask_loss, eod_token=tokenizer.eod)
+        if d.train_data_path:  # Megatron core's per-split files, each used whole
+            return build_split_path_datasets(
+                [d.train_data_path, d.valid_data_path, d.test_data_path], m.seq_length,
+                cfg.train.seed, num_samples, **options)
         if not d.data_path:
-            raise ValueError("--data-path is required (or --mock-data for synthetic tokens)")
-        return build_train_valid_test_datasets(
-            d.data_path, d.split, m.seq_length, cfg.train.seed, num_samples,
-            cache_dir=d.data_cache_path, reset_position_ids=d.reset_position_ids,
-            reset_attention_mask=d.reset_attention_mask, eod_mask_loss=d.eod_mask_loss,
-            eod_token=tokenizer.eod)
+            raise ValueError("--data-path is required (or --train-data-path, or --mock-data for "
+                             "synthetic tokens)")
+        return build_train_valid_test_datasets(d.data_path, d.split, m.seq_length,
+                                               cfg.train.seed, num_samples, **options)
 
     def init_from_data(model, train_ds) -> None:
         """Balanced hash tables from the training split's token frequencies."""

@@ -228,6 +228,18 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
         raise ConfigError(f"--micro-batch-size must be >= 1, got {tr.micro_batch_size}")
     if tr.train_iters is not None and tr.train_samples is not None:
         raise ConfigError("--train-iters and --train-samples are mutually exclusive")
+    d = cfg.data
+    split_paths = [n for n in ("train_data_path", "valid_data_path", "test_data_path")
+                   if getattr(d, n)]
+    if split_paths and d.data_path:
+        raise ConfigError(f"--data-path and {_flag(split_paths[0])} are mutually exclusive "
+                          "(per-split paths use each file whole; --split does not apply)")
+    if split_paths and not d.train_data_path:
+        raise ConfigError(f"{_flag(split_paths[0])} needs --train-data-path")
+    if split_paths and d.mock_data:
+        raise ConfigError(f"--mock-data and {_flag(split_paths[0])} are mutually exclusive")
+    if tr.eval_every_tokens is not None and tr.eval_every_tokens < 1:
+        raise ConfigError(f"--eval-every-tokens must be >= 1, got {tr.eval_every_tokens}")
     _validate_moe(cfg)
     check_tensor_degree(cfg.parallel.tensor_model_parallel_size)
     if world_size is not None:

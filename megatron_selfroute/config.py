@@ -241,6 +241,15 @@ class TrainConfig:
     log_interval: int = arg(10, "Steps between log lines.")
     eval_interval: int = arg(1000, "Steps between validation runs.")
     eval_iters: int = arg(10, "Validation micro-batches per evaluation.")
+    eval_every_tokens: Optional[int] = arg(
+        None, "Validate every N training tokens: sets --eval-interval to N / (global batch x "
+        "sequence length), which must divide N (held-out loss at fixed token counts)."
+    )
+    run_summary: Optional[str] = arg(
+        None, "Write a JSON summary of the run here (rank 0, at its end; merged over resumes): "
+        "losses, held-out losses, tokens/s, step time, peak memory, routing, and digests of the "
+        "data order and the initial weights (tools/sweep.py reads it)."
+    )
     save: Optional[str] = arg(None, "Checkpoint directory to write.")
     load: Optional[str] = arg(None, "Checkpoint directory to resume from.")
     save_interval: Optional[int] = arg(None, "Steps between checkpoints.")
@@ -270,6 +279,12 @@ class DataConfig:
     data_path: list = arg([], "Prefixes of .bin/.idx data, optionally weighted: 0.7 A 0.3 B.",
                           nargs="*")
     split: str = arg("969,30,1", "Train,valid,test document split weights.")
+    train_data_path: list = arg(
+        [], "Training prefixes (optionally weighted), each used whole, instead of --data-path "
+        "with --split (Megatron core).", nargs="*")
+    valid_data_path: list = arg([], "Validation prefixes, each used whole (held-out loss).",
+                                nargs="*")
+    test_data_path: list = arg([], "Test prefixes, each used whole.", nargs="*")
     data_cache_path: Optional[str] = arg(None, "Where index caches go (default beside data).")
     mock_data: bool = arg(False, "Synthetic random tokens instead of --data-path.")
     tokenizer_type: str = arg(

@@ -9,7 +9,10 @@
 # paper's 520,809,216 / 520,735,488 parameters). Everything else is marked "chosen here" below.
 #
 # Environment (defaults in brackets):
-#   SCALE          paper | tiny [paper]. tiny: a 2-layer, hidden-64 model for CPU/CI runs
+#   SCALE          paper | small | tiny [paper]. small: 4 layers, hidden 128, a 4k SentencePiece
+#                  vocabulary, separate train/valid/test files (data/small, DATA_DIR; made by
+#                  examples/data/prepare_shakespeare_small.py): the CPU-sized router table.
+#                  tiny: a 2-layer, hidden-64 model for CPU/CI runs
 #                  (seconds on mock data, about a minute on Shakespeare), on mock tokens (DATA_PATH=mock: NullTokenizer, vocabulary 127) or a
 #                  real GPT-2 BPE prefix such as data/shakespeare_text_document
 #                  (examples/data/prepare_shakespeare.sh).
@@ -43,13 +46,16 @@ MSR_ROWS=(dense learned self fixed_random random)
 #   self_per_layer         self-routing, disjoint coordinates per layer
 #   fixed_random_orthogonal         a random rotation per layer (norm-matched rows)
 #   fixed_random_orthogonal_shared  one random rotation for every layer
+#   ablations (examples/ablations.sh): self_first, fixed_random_shared, learned_aux (Switch aux
+#   loss 0.01), {self,learned}_e{4,16}: 4 or 16 experts, top-k and expert FFN size unchanged
 MSR_EXTRA_ROWS=(hash hash_balanced self_bias learned_bias learned_sigmoid_bias self_shared
-  self_per_layer fixed_random_orthogonal fixed_random_orthogonal_shared)
+  self_per_layer fixed_random_orthogonal fixed_random_orthogonal_shared
+  self_first fixed_random_shared learned_aux self_e4 self_e16 learned_e4 learned_e16)
 
 SCALE="${SCALE:-paper}"
 case "$SCALE" in
-  paper | tiny) ;;
-  *) echo "settings.sh: SCALE must be paper or tiny, got '$SCALE'" >&2; return 2 ;;
+  paper | small | tiny) ;;
+  *) echo "settings.sh: SCALE must be paper, small or tiny, got '$SCALE'" >&2; return 2 ;;
 esac
 
 if [ -z "${PYTHON:-}" ]; then
@@ -119,6 +125,23 @@ if [ "$SCALE" = paper ]; then
   # checkpoint every 1000 (and on SIGTERM).
   LOG_INTERVAL="${LOG_INTERVAL:-10}" EVAL_INTERVAL="${EVAL_INTERVAL:-1000}"
   EVAL_ITERS="${EVAL_ITERS:-20}" SAVE_INTERVAL="${SAVE_INTERVAL:-1000}"
+elif [ "$SCALE" = small ]; then
+  # small: sized by measurement for one 2-core CPU machine (README, "The small table"): 4
+  # layers, hidden 128, 8 experts top-2 in every layer, bias-free; a 4,096-piece SentencePiece
+  # vocabulary trained on the training text (at GPT-2 BPE the output layer would dominate the
+  # FLOPs); train / valid / test are separate files (examples/data/prepare_shakespeare_small.py).
+  NUM_LAYERS=4 HIDDEN=128 HEADS=4 SEQ_LEN=128 NUM_EXPERTS=8 TOPK=2
+  DATA_DIR="${DATA_DIR:-$MSR_ROOT/data/small}"
+  DATA_PATH="${DATA_PATH:-$DATA_DIR/train_text_document}"  # (the split files below are used)
+  GLOBAL_BATCH="${GLOBAL_BATCH:-16}" MICRO_BATCH="${MICRO_BATCH:-8}"
+  TRAIN_ITERS="${TRAIN_ITERS:-400}"
+  # One learning rate for every row, tuned once on dense (README); nothing tuned per router.
+  LR="${LR:-3e-3}" MIN_LR="${MIN_LR:-3e-4}" WARMUP="${WARMUP:-40}"
+  ZERO_STAGE="${ZERO_STAGE:-2}"
+  PRECISION_ARGS=()
+  SPLIT="${SPLIT:-100,0,0}"
+  LOG_INTERVAL="${LOG_INTERVAL:-20}" EVAL_INTERVAL="${EVAL_INTERVAL:-100}"
+  EVAL_ITERS="${EVAL_ITERS:-16}" SAVE_INTERVAL="${SAVE_INTERVAL:-$TRAIN_ITERS}"
 else
   # tiny: same structure (8 experts top-2 in every layer, bias-free, padded vocab), CPU-sized.
   NUM_LAYERS=2 HIDDEN=64 HEADS=4 SEQ_LEN=64 NUM_EXPERTS=8 TOPK=2
@@ -186,6 +209,16 @@ msr_router_args() {
       --fixed-random-init orthogonal) ;;
     fixed_random_orthogonal_shared) ROUTER_ARGS=("${moe[@]}" --router-type fixed-random
       --fixed-random-init orthogonal --fixed-random-shared) ;;
+    self_first) ROUTER_ARGS=("${moe[@]}" --router-type self --self-route-dims first) ;;
+    fixed_random_shared) ROUTER_ARGS=("${moe[@]}" --router-type fixed-random
+      --fixed-random-shared) ;;
+    learned_aux) ROUTER_ARGS=(--num-experts "$NUM_EXPERTS" --moe-router-topk "$TOPK"
+      --moe-aux-loss-coeff 0.01 --expert-model-parallel-size "$EP" --router-type learned) ;;
+    self_e4 | self_e16 | learned_e4 | learned_e16)
+      local n="${row##*_e}" ep="$EP"
+      while [ $((n % ep)) -ne 0 ]; do ep=$((ep / 2)); done  # EP must divide the expert count
+      ROUTER_ARGS=(--num-experts "$n" --moe-router-topk "$TOPK" --moe-aux-loss-coeff 0
+        --expert-model-parallel-size "$ep" --router-type "${row%_e*}") ;;
     *) ROUTER_ARGS=("${moe[@]}" --router-type "$row") ;;
   esac
 }
@@ -197,7 +230,12 @@ msr_trainer_args() {
   shift
   msr_router_args "$row" || return 2
   local data_args
-  if [ "$DATA_PATH" = mock ]; then
+  if [ "$SCALE" = small ]; then
+    data_args=(--train-data-path "$DATA_DIR/train_text_document"
+      --valid-data-path "$DATA_DIR/valid_text_document"
+      --test-data-path "$DATA_DIR/test_text_document"
+      --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA_DIR/sp.model")
+  elif [ "$DATA_PATH" = mock ]; then
     data_args=(--mock-data --tokenizer-type NullTokenizer --vocab-size 127)
   else
     data_args=(--data-path "$DATA_PATH" --split "$SPLIT" --tokenizer-type GPT2BPETokenizer)
@@ -217,6 +255,7 @@ msr_trainer_args() {
     --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
     --save "$OUT_DIR/$row/checkpoints" --load "$OUT_DIR/$row/checkpoints"
     --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$OUT_DIR/$row/tensorboard"
+    --run-summary "$OUT_DIR/$row/summary.json"
     --exit-signal-handler
     "$@"
   )

@@ -349,12 +349,50 @@ def build_train_valid_test_datasets(
     exactly ``n`` of them in proportion to the weights (``n = None``, one epoch, needs a single
     prefix).
     """
-    from megatron_selfroute.data.blended import BlendedDataset  # blended imports this module
 
+    datasets, weights = _open_blend(data_path)
+    bounds = [parse_split(split, ds.num_documents) for ds in datasets]
+    options = dict(
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        eod_token=eod_token,
+    )
+    return tuple(
+        _split_dataset(datasets, weights, [np.arange(b[i], b[i + 1]) for b in bounds], name,
+                       train_valid_test_num_samples[i], seq_length, seed, cache_dir, options)
+        for i, name in enumerate(SPLIT_NAMES))
+
+
+def build_split_path_datasets(
+    split_paths: Sequence[Sequence[str]],
+    seq_length: int,
+    seed: int,
+    train_valid_test_num_samples: Sequence[int | None],
+    cache_dir: str | None = None,
+    **options,
+) -> tuple[torch.utils.data.Dataset | None, ...]:
+    """Train, valid and test datasets from their own prefixes (Megatron core's
+    ``--train-data-path`` / ``--valid-data-path`` / ``--test-data-path``): each prefix (or
+    weighted blend) is used whole by its split; a split without paths is ``None``."""
+    result: list[torch.utils.data.Dataset | None] = []
+    for i, name in enumerate(SPLIT_NAMES):
+        if not split_paths[i]:
+            result.append(None)
+            continue
+        datasets, weights = _open_blend(split_paths[i])
+        ranges = [np.arange(ds.num_documents) for ds in datasets]
+        result.append(_split_dataset(datasets, weights, ranges, name,
+                                     train_valid_test_num_samples[i], seq_length, seed,
+                                     cache_dir, options))
+    return tuple(result)
+
+
+def _open_blend(data_path: Sequence[str]) -> tuple[list[IndexedDataset], list[float]]:
+    """The indexed datasets of a (weighted) prefix list and their normalised weights."""
     blend = parse_data_path(data_path)
     total_weight = sum(w for w, _ in blend)
-    weights = [w / total_weight for w, _ in blend]
-    datasets, bounds = [], []
+    datasets = []
     for _, prefix in blend:
         ds = IndexedDataset(prefix)
         if ds.num_documents == 0:
@@ -362,42 +400,27 @@ def build_train_valid_test_datasets(
         if ds.num_documents != len(ds):
             raise ValueError(f"{prefix}: GPT data needs one sequence per document")
         datasets.append(ds)
-        bounds.append(parse_split(split, ds.num_documents))
-    options = dict(
-        reset_position_ids=reset_position_ids,
-        reset_attention_mask=reset_attention_mask,
-        eod_mask_loss=eod_mask_loss,
-        eod_token=eod_token,
-    )
-    result: list[torch.utils.data.Dataset | None] = []
-    for i, name in enumerate(SPLIT_NAMES):
-        num_samples = train_valid_test_num_samples[i]
-        ranges = [np.arange(b[i], b[i + 1]) for b in bounds]
-        if num_samples == 0 or all(r.size == 0 for r in ranges):
-            result.append(None)
-            continue
-        if len(blend) == 1:
-            result.append(
-                GPTDataset(
-                    datasets[0],
-                    ranges[0],
-                    num_samples,
-                    seq_length,
-                    seed,
-                    cache_dir,
-                    name,
-                    **options,
-                )
-            )
-            continue
-        if num_samples is None:
-            raise ValueError(f"split {name!r}: a blend needs an explicit number of samples")
-        parts = []
-        for ds, docs, weight in zip(datasets, ranges, weights, strict=True):
-            if docs.size == 0:
-                raise ValueError(f"{ds.prefix} split {name!r}: no documents for a blended split")
-            size = int(math.ceil(math.ceil(num_samples * weight) * (1 + BLEND_SURPLUS)))
-            parts.append(GPTDataset(ds, docs, size, seq_length, seed, cache_dir, name, **options))
-        blend_cache = cache_dir or default_cache_dir(datasets[0].prefix)
-        result.append(BlendedDataset(parts, weights, num_samples, seed, cache_dir=blend_cache))
-    return tuple(result)
+    return datasets, [w / total_weight for w, _ in blend]
+
+
+def _split_dataset(datasets, weights, ranges, name, num_samples, seq_length, seed, cache_dir,
+                   options) -> torch.utils.data.Dataset | None:
+    """One split over the given documents of each dataset: a GPTDataset, or a BlendedDataset
+    of the parts in proportion to the weights; None when empty or no samples are wanted."""
+    from megatron_selfroute.data.blended import BlendedDataset  # blended imports this module
+
+    if num_samples == 0 or all(r.size == 0 for r in ranges):
+        return None
+    if len(datasets) == 1:
+        return GPTDataset(datasets[0], ranges[0], num_samples, seq_length, seed, cache_dir, name,
+                          **options)
+    if num_samples is None:
+        raise ValueError(f"split {name!r}: a blend needs an explicit number of samples")
+    parts = []
+    for ds, docs, weight in zip(datasets, ranges, weights, strict=True):
+        if docs.size == 0:
+            raise ValueError(f"{ds.prefix} split {name!r}: no documents for a blended split")
+        size = int(math.ceil(math.ceil(num_samples * weight) * (1 + BLEND_SURPLUS)))
+        parts.append(GPTDataset(ds, docs, size, seq_length, seed, cache_dir, name, **options))
+    blend_cache = cache_dir or default_cache_dir(datasets[0].prefix)
+    return BlendedDataset(parts, weights, num_samples, seed, cache_dir=blend_cache)

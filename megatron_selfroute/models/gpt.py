@@ -137,10 +137,17 @@ def gpt_flops_per_token(cfg: Config) -> float:
     """Forward matmul FLOPs per token on active parameters (MoE: k experts), Megatron-style:
     2 x (QKV + attention output + MLP or k experts + router) per layer, attention scores and
     values 2 x 2 x S x D per layer, and the output layer 2 x D x V. Training = 3x forward."""
+    return sum(gpt_flops_breakdown(cfg).values())
+
+
+def gpt_flops_breakdown(cfg: Config) -> dict[str, float]:
+    """`gpt_flops_per_token` by part: attention (projections and scores), MLP (dense MLPs,
+    active experts, routers and shared experts) and the output layer."""
     m = cfg.model
     d, s = m.hidden_size, m.seq_length
-    attention = m.num_layers * (2 * (3 * d * d + d * d) + 2 * 2 * s * d)
-    return attention + mlp_flops_per_token(cfg) + 2 * d * m.padded_vocab_size
+    return {"attention": float(m.num_layers * (2 * (3 * d * d + d * d) + 2 * 2 * s * d)),
+            "mlp": float(mlp_flops_per_token(cfg)),
+            "output_layer": float(2 * d * m.padded_vocab_size)}
 
 
 def parallelize_gpt(model: GPTModel, layout: ParallelLayout, init: bool = True) -> GPTModel:

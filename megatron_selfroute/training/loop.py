@@ -59,6 +59,7 @@ from megatron_selfroute.training.logging import (
     print_rank0,
 )
 from megatron_selfroute.training.schedules import learning_rate
+from megatron_selfroute.training.summary import RunSummary
 from megatron_selfroute.training.task import RunResult, Task
 
 __all__ = ["RunResult", "Task", "Trainer", "evaluate", "pretrain", "resolve_config",
@@ -92,6 +93,13 @@ def resolve_config(cfg: Config, layout: ParallelLayout) -> Config:
         if tr.train_samples is None:
             raise ConfigError("one of --train-iters or --train-samples is required")
         tr.train_iters = math.ceil(tr.train_samples / tr.global_batch_size)
+    if tr.eval_every_tokens is not None:
+        per_step = tr.global_batch_size * cfg.model.seq_length
+        if tr.eval_every_tokens % per_step:
+            raise ConfigError(f"--eval-every-tokens {tr.eval_every_tokens} is not a multiple of "
+                              f"the {per_step} tokens of a step (global batch "
+                              f"{tr.global_batch_size} x sequence length {cfg.model.seq_length})")
+        tr.eval_interval = tr.eval_every_tokens // per_step
     return cfg
 
 
@@ -205,6 +213,7 @@ class Trainer:
     iters_this_run: int = 0
     profiler: Any = None
     bias: Optional[ExpertBiasUpdater] = None
+    summary: Optional[RunSummary] = None
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -231,6 +240,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True)
         model = task.parallelize(task.build_model(cfg), layout)
+        summary = RunSummary(tr.run_summary, cfg, model) if tr.run_summary else None
         _log_model(cfg, layout, model)
         engine = build_engine(model, cfg, layout, extra_ds)
         state = _resume(engine, cfg, task, layout)
@@ -257,7 +267,8 @@ class Trainer:
                    accum=gradient_accumulation_steps(cfg, layout.dp),
                    timers=Timers(tr.timing_log_level), profiler=_maybe_profiler(cfg),
                    bias=ExpertBiasUpdater(engine.module, cfg.moe.moe_router_bias_update_rate,
-                                          layout.dp_group))
+                                          layout.dp_group),
+                   summary=summary)
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -275,7 +286,10 @@ class Trainer:
         for micro in range(self.accum):
             last = micro == self.accum - 1
             with timers("data", 1):
-                batch = _to_device(self.task, engine, next(self.loader))
+                raw = next(self.loader)
+                if self.summary is not None:
+                    self.summary.note_batch(it + 1, raw.get("tokens", raw.get("sample_index")))
+                batch = _to_device(self.task, engine, raw)
             with timers("forward", 1):
                 loss, metrics = self.task.forward_step(engine, batch, it)
             loss = self.fault_hook(loss, it + 1)
@@ -352,6 +366,8 @@ class Trainer:
         tflops = self.task.flops_per_sample(self.cfg) * gbs / per_iter / 1e12
         tflops /= self.layout.world_size
         tokens = self.task.tokens_per_sample(self.cfg) * gbs / per_iter
+        if self.summary is not None:
+            self.summary.note_log(tokens, per_iter * 1000)
         out = {name: self.interval.lm / n_logged, "aux loss": self.interval.aux / n_logged,
                "learning-rate": step.lr, "skipped-steps": float(state.skipped_steps),
                "grad-norm": grad_norm, "tokens-per-sec": tokens, "tflops-per-device": tflops,
@@ -412,6 +428,8 @@ class Trainer:
                                    self.layout)
         loss = metrics[name]
         self.result.valid_losses[it] = loss
+        if self.summary is not None:
+            self.summary.note_eval(it, loss, rstats)
         if self.task.report_perplexity:
             metrics[f"{name} ppl"] = math.exp(min(loss, 50))
         self.logger.scalars("valid", metrics, it)
@@ -469,6 +487,11 @@ class Trainer:
                     break
             else:
                 self.finish()
+            if self.summary is not None:
+                moe = self.cfg.moe
+                self.summary.write(self.state.iteration, self.result.losses,
+                                   self.state.iteration >= self.cfg.train.train_iters,
+                                   moe.router_type if moe.is_moe else "dense")
         finally:
             self.close()
         return self.result
