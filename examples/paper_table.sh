@@ -9,7 +9,8 @@
 # SKIP_TRAIN=1 (training an already finished row is a no-op anyway: it resumes at the end).
 #
 # Environment (defaults in brackets):
-#   SCALE           tiny | paper [tiny]
+#   SCALE           tiny | small | paper [tiny]; small runs the seeded sweep (examples/sweep.sh:
+#                   SEEDS [0 1 2], every row x seed, 95% intervals and paired differences)
 #   ROWS            rows, space-separated [dense learned self fixed_random random]
 #   OUT_DIR         outputs [runs/paper_table-SCALE]
 #   DATA_PATH       training prefix [tiny: data/shakespeare_text_document, made by
@@ -35,6 +36,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 export SCALE="${SCALE:-tiny}"
 ROWS="${ROWS:-dense learned self fixed_random random}"
+if [ "$SCALE" = small ]; then
+  # The small table: a seeded, paired sweep with 95% intervals (examples/sweep.sh ->
+  # tools/sweep.py), sized for one 2-core CPU machine (README, "The small table").
+  export ROWS SEEDS="${SEEDS:-0 1 2}" OUT_DIR="${OUT_DIR:-$ROOT/runs/paper_table-small}"
+  exec bash "$ROOT/examples/sweep.sh"
+fi
 export OUT_DIR="${OUT_DIR:-$ROOT/runs/paper_table-$SCALE}"
 DRY_RUN="${DRY_RUN:-0}"
 if [ -z "${PYTHON:-}" ]; then
@@ -65,7 +72,7 @@ case "$SCALE" in
     TASKS="${TASKS:-hellaswag lambada_openai piqa wikitext winogrande}"
     TASKS_DIR="${TASKS_DIR:-}"
     ;;
-  *) echo "paper_table.sh: SCALE must be tiny or paper, got '$SCALE'" >&2; exit 2 ;;
+  *) echo "paper_table.sh: SCALE must be tiny, small or paper, got '$SCALE'" >&2; exit 2 ;;
 esac
 read -r -a rows <<< "$ROWS"
 rows=("${rows[@]/fixed-random/fixed_random}")

@@ -20,7 +20,8 @@ ROUTER_FLAGS = {"--num-experts", "--moe-router-topk", "--router-type", "--moe-au
                 "--expert-model-parallel-size"}
 SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in [
     *(ROOT / "examples" / "gpt2").glob("*.sh"), *(ROOT / "examples" / "multinode").iterdir(),
-    ROOT / "examples" / "paper_table.sh", *(ROOT / "tests" / "launch" / "bin").iterdir()])
+    ROOT / "examples" / "paper_table.sh", ROOT / "examples" / "sweep.sh",
+    ROOT / "examples" / "ablations.sh", *(ROOT / "tests" / "launch" / "bin").iterdir()])
 
 
 def row_command(row: str, **knobs) -> list[str]:
@@ -108,24 +109,29 @@ EXTRA = {  # issue 16's extra rows: the flags each adds to the paper's MoE setti
     "fixed_random_orthogonal_shared": {"--router-type": "fixed-random",
                                        "--fixed-random-init": "orthogonal",
                                        "--fixed-random-shared": True},
+    "self_first": {"--router-type": "self", "--self-route-dims": "first"},
+    "fixed_random_shared": {"--router-type": "fixed-random", "--fixed-random-shared": True},
+    "learned_aux": {"--router-type": "learned", "--moe-aux-loss-coeff": "0.01"},
+    "self_e4": {"--router-type": "self", "--num-experts": "4",
+                "--expert-model-parallel-size": "4"},  # EP 8 does not divide 4 experts
+    "learned_e16": {"--router-type": "learned", "--num-experts": "16"},
 }
 
 
 def test_extra_rows_add_only_their_router_flags(tmp_path):
-    """Each extra row = the paper's MoE setting + its own flags, valid for the trainer; the
-    paper's five rows are untouched (the test above)."""
+    """Each extra row = the paper's MoE setting + its own flags (added or changed), valid for the
+    trainer; the paper's five rows are untouched (the test above)."""
     base = flags(trainer_argv(row_command("self", GPUS_PER_NODE=8, OUT_DIR=tmp_path)))
     base.pop("--router-type")
     for row, extra in EXTRA.items():
         argv = trainer_argv(row_command(row, GPUS_PER_NODE=8, OUT_DIR=tmp_path))
-        f = flags(argv)
-        got = {k: v for k, v in f.items() if k not in base or k == "--router-type"}
-        assert got == extra, row
-        same = {k: (str(v).replace(f"/{row}/", "/self/") if isinstance(v, str) else v)
-                for k, v in f.items() if k in base}
-        assert same == base, row
+        f = {k: (v.replace(f"/{row}/", "/self/") if isinstance(v, str) else v)
+             for k, v in flags(argv).items()}
+        assert set(base) <= set(f), row
+        diff = {k: v for k, v in f.items() if k == "--router-type" or base.get(k) != v}
+        assert diff == extra, row
         cfg = config_of(argv, world=8)
-        assert cfg.moe.num_experts == 8 and cfg.moe.moe_aux_loss_coeff == 0
+        assert cfg.moe.num_experts in (4, 8, 16)
     tiny = trainer_argv(row_command("self_per_layer", SCALE="tiny", GPUS_PER_NODE=1,
                                     OUT_DIR=tmp_path))
     config_of(tiny, world=1)  # 8 experts x 2 layers fit hidden 64
@@ -238,6 +244,55 @@ def test_paper_table_commands(tmp_path):
     assert "--include-path" not in e
     r = paper[2]
     assert r[r.index("--tokens") + 1] == "4430000" and r[r.index("--labels") + 1] == "self"
+
+
+def test_small_table_is_the_seeded_sweep(tmp_path):
+    """SCALE=small paper_table.sh = the sweep: 5 rows x 3 seeds, each trained by its row script
+    with --seed S (2 processes, EP=2 on CPU), then evaluated and (MoE) routing-analysed; each
+    training command is the small setting with split files and the SentencePiece vocabulary."""
+    cmds = dry_run("examples/paper_table.sh", SCALE="small", SEEDS="0 1 2", OUT_DIR=tmp_path)
+    train = [c for c in cmds if "bash" in c]
+    evals = [c for c in cmds if any(a.endswith("eval_lm.py") for a in c)]
+    routing = [c for c in cmds if any(a.endswith("analyze_routing.py") for a in c)]
+    assert len(train) == 15 and len(evals) == 15 and len(routing) == 12
+    pairs = set()
+    for cmd in train:
+        i = cmd.index("bash")
+        knobs = dict(kv.split("=", 1) for kv in cmd[:i])
+        assert knobs["SCALE"] == "small" and knobs["GPUS_PER_NODE"] == "2"
+        row = os.path.basename(cmd[i + 1])[:-3]
+        seed = cmd[cmd.index("--seed") + 1]
+        pairs.add((row, seed))
+        (argv,) = dry_run(f"examples/gpt2/{row}.sh", *cmd[i + 2:], **knobs)
+        f = flags(trainer_argv(argv))
+        assert f["--seed"] == seed and f["--hidden-size"] == "128"
+        assert f["--tokenizer-type"] == "SentencePieceTokenizer"
+        assert f["--train-data-path"].endswith("train_text_document")
+        assert f["--run-summary"] == str(tmp_path / "small" / f"seed{seed}" / row /
+                                         "summary.json")
+        if row != "dense":
+            assert f["--expert-model-parallel-size"] == "2"
+        if row == "self":
+            config_of(trainer_argv(argv), world=2)
+    assert pairs == {(r, s) for r in ROWS for s in "012"}
+
+
+def test_ablations_are_sweeps_of_the_extra_rows(tmp_path):
+    cmds = dry_run("examples/ablations.sh", SCALE="small", SEEDS="0", OUT_DIR=tmp_path,
+                   STUDIES="experts balancing")
+    train = [c for c in cmds if "bash" in c]
+    rows = [os.path.basename(c[c.index("bash") + 1])[:-3] for c in train]
+    assert rows == ["self_e4", "self", "self_e16", "learned_e4", "learned", "learned_e16",
+                    "learned", "learned_aux", "learned_bias", "learned_sigmoid_bias", "self",
+                    "self_bias"]
+    for row, experts in (("self_e4", "4"), ("learned_e16", "16"), ("self", "8")):
+        f = flags(trainer_argv(row_command(row, SCALE="small", GPUS_PER_NODE=2,
+                                           OUT_DIR=tmp_path)))
+        # equal active compute: the same top-k and expert FFN size (the dense FFN) for all
+        assert f["--num-experts"] == experts and f["--moe-router-topk"] == "2"
+        assert "--moe-ffn-hidden-size" not in f and "--ffn-hidden-size" not in f
+    f = flags(trainer_argv(row_command("learned_aux", GPUS_PER_NODE=8, OUT_DIR=tmp_path)))
+    assert f["--moe-aux-loss-coeff"] == "0.01"
 
 
 def test_shellcheck_clean():
