@@ -30,7 +30,8 @@ def test_each_split_reads_its_own_file_whole(tmp_path):
                                            cache_dir=str(tmp_path / "cache"))
     assert te is None
     assert tr.indexed_dataset.prefix == train and va.indexed_dataset.prefix == valid
-    assert tr.document_ids.tolist() == list(range(30)) and va.document_ids.tolist() == list(range(8))
+    assert tr.document_ids.tolist() == list(range(30))
+    assert va.document_ids.tolist() == list(range(8))
     # the same samples as --data-path FILE --split giving the file wholly to that split
     ref_tr = build_train_valid_test_datasets([train], "1,0,0", 16, 3, [20, 0, 0],
                                              cache_dir=str(tmp_path / "c2"))[0]
