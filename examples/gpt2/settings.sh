@@ -134,9 +134,9 @@ elif [ "$SCALE" = small ]; then
   DATA_DIR="${DATA_DIR:-$MSR_ROOT/data/small}"
   DATA_PATH="${DATA_PATH:-$DATA_DIR/train_text_document}"  # (the split files below are used)
   GLOBAL_BATCH="${GLOBAL_BATCH:-16}" MICRO_BATCH="${MICRO_BATCH:-8}"
-  TRAIN_ITERS="${TRAIN_ITERS:-400}"
+  TRAIN_ITERS="${TRAIN_ITERS:-300}"
   # One learning rate for every row, tuned once on dense (README); nothing tuned per router.
-  LR="${LR:-3e-3}" MIN_LR="${MIN_LR:-3e-4}" WARMUP="${WARMUP:-40}"
+  LR="${LR:-1e-3}" MIN_LR="${MIN_LR:-1e-4}" WARMUP="${WARMUP:-40}"
   ZERO_STAGE="${ZERO_STAGE:-2}"
   PRECISION_ARGS=()
   SPLIT="${SPLIT:-100,0,0}"
