@@ -41,3 +41,25 @@ def check_outputs(text: str, out) -> None:
     for name in ("routing.json", "routing.csv", "entropy.png", "max_fraction.png"):
         assert (out / "routing" / name).exists()
     assert len(list((out / "routing").glob("heatmap_*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_small_table(tmp_path):
+    """SCALE=small: 5 rows x 3 seeds through the sweep (tens of minutes on 2 cores): every run
+    finished, the table holds every row with n = 3 and every pair, the pairing checks hold, the
+    random router is the most uniform, and the figures are PNGs."""
+    out = tmp_path / "out"
+    text = run_checked(["bash", str(ROOT / "examples/paper_table.sh")],
+                       launch_env(SCALE="small", SEEDS="0 1 2", OUT_DIR=out),
+                       tmp_path / "small.out", timeout=5400)
+    assert "phase times (s)" in text
+    table = json.loads((out / "table" / "table.json").read_text())
+    rows = {e["row"]: e for e in table["rows"]}
+    assert sorted(rows) == sorted(ROWS) and all(e["seeds"] == [0, 1, 2] for e in rows.values())
+    assert len(table["pairs"]) == 10
+    assert all(c["same_batches"] and c["same_shared_init"] for c in table["pairing"].values())
+    ent = {r: rows[r]["metrics"]["mean_normalized_entropy"]["mean"] for r in ROWS if r != "dense"}
+    assert max(ent, key=ent.get) == "random" and ent["random"] > 0.95
+    for name in ("fig2_entropy.png", "fig3_expert_fractions.png", "fig4_max_fraction.png",
+                 "valid_loss.png"):
+        assert (out / "table" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
