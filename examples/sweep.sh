@@ -2,10 +2,12 @@
 # A seeded, paired router sweep with 95% intervals (tools/sweep.py): rows x seeds x scales through
 # the row scripts, held-out loss at fixed token counts, local tasks, routing analysis, one table.
 #   SCALE=small SEEDS="0 1 2" bash examples/sweep.sh           # CPU: the small table
+#   FAMILY=vit bash examples/sweep.sh                          # Table 2 rows on the digits
 #   SCALE=paper ROWS="learned self" SEEDS="0 1" bash examples/sweep.sh   # GPUs (this node)
 #   DRY_RUN=1 bash examples/sweep.sh                           # print every command
 # Environment (defaults in brackets):
-#   SCALE    one or more of tiny small paper [small]
+#   FAMILY   gpt | vit [gpt]; vit: examples/deit rows on IMAGE_ROOT [digits: data/digits]
+#   SCALE    one or more of tiny small paper [small]; vit: digits or a label [digits]
 #   ROWS     row scripts of examples/gpt2 [dense learned self fixed_random random]
 #   SEEDS    [0 1 2]   (5+ for claims about small loss differences)
 #   OUT_DIR  [runs/sweep]; a re-run skips finished runs and rebuilds the same table
@@ -22,8 +24,14 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-SCALE="${SCALE:-small}"
-ROWS="${ROWS:-dense learned self fixed_random random}"
+FAMILY="${FAMILY:-gpt}"
+if [ "$FAMILY" = vit ]; then
+  SCALE="${SCALE:-digits}"
+  ROWS="${ROWS:-dense learned self}"
+else
+  SCALE="${SCALE:-small}"
+  ROWS="${ROWS:-dense learned self fixed_random random}"
+fi
 SEEDS="${SEEDS:-0 1 2}"
 OUT_DIR="${OUT_DIR:-$ROOT/runs/sweep}"
 read -r -a scales <<< "$SCALE"
@@ -36,6 +44,26 @@ args=(--rows "${rows[@]}" --seeds "${seeds[@]}" --scale "${scales[@]}" --out-dir
   --nproc "$NPROC" --python "$PYTHON")
 if [ -n "${EP:-}" ]; then args+=(--ep "$EP"); fi
 if [ -n "${TABLE_DIR:-}" ]; then args+=(--table-dir "$TABLE_DIR"); fi
+if [ "$FAMILY" = vit ]; then
+  # Table 2 (dense, learned, self; DeiT recipe, MoE every other block, 4 experts top-2) through
+  # the same sweep. SCALE=digits: scikit-learn's bundled 8x8 digits upsampled to 32 px (no
+  # download; a pipeline check: it saturates) with a 4-block, width-96 ViT; any other SCALE is a
+  # label for IMAGE_ROOT (an ImageFolder root or a Hugging Face dataset) and the DeiT-S recipe.
+  args+=(--family vit)
+  if [ "${scales[0]}" = digits ]; then
+    IMAGE_ROOT="${IMAGE_ROOT:-$ROOT/data/digits}"
+    if [ "${DRY_RUN:-0}" != 1 ] && [ "${AGGREGATE_ONLY:-0}" != 1 ]; then
+      "$PYTHON" "$ROOT/examples/data/prepare_digits.py" --out-dir "$IMAGE_ROOT"
+    fi
+    TRAIN_ARGS="${TRAIN_ARGS:---img-size 32 --patch-size 4 --num-layers 4 --hidden-size 96 --num-attention-heads 3 --moe-layer-freq [0,1]*2 --epochs 12 --warmup-epochs 1 --lr 1e-3 --no-lr-scale --num-workers 0 --no-model-ema --no-repeated-aug --log-interval 22}"
+    export GLOBAL_BATCH="${GLOBAL_BATCH:-64}" MICRO_BATCH="${MICRO_BATCH:-$((64 / NPROC))}"
+    args+=(--ep "${EP:-$NPROC}")  # EP over every process (4 experts: NPROC 1, 2 or 4)
+  fi
+  args+=(--image-root "${IMAGE_ROOT:?set IMAGE_ROOT to an ImageFolder root}"
+    --routing-tokens "${ROUTING_TOKENS:-23400}" --train-args "${TRAIN_ARGS:-}")
+  if [ "${DRY_RUN:-0}" = 1 ]; then args+=(--dry-run); fi
+  exec "$PYTHON" "$ROOT/tools/sweep.py" "${args[@]}"
+fi
 case "${scales[0]}" in
   paper)
     TASKS="${TASKS:-hellaswag lambada_openai piqa wikitext winogrande}"

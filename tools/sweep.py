@@ -95,10 +95,23 @@ def run_dir(out_dir: str, scale: str, seed: int, row: str) -> str:
     return os.path.join(out_dir, scale, f"seed{seed}", row)
 
 
-def _env(args, scale: str, seed_dir: str) -> dict:
+FAMILY_DIRS = {"gpt": "gpt2", "vit": "deit"}
+
+
+def row_script(family: str, row: str) -> str:
+    """examples/gpt2/<row>.sh (language models) or examples/deit/<row>.sh (DeiT)."""
+    return os.path.join(ROOT, "examples", FAMILY_DIRS[family], f"{row}.sh")
+
+
+def _env(args, scale: str, seed_dir: str, row: str = "") -> dict:
     env = dict(os.environ, SCALE=scale, OUT_DIR=seed_dir, GPUS_PER_NODE=str(args.nproc),
                PYTHON=args.python, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if args.nproc > 1:
+    if args.family == "vit":  # examples/deit/settings.sh's knobs
+        env.update(OUT=os.path.join(seed_dir, row), NGPUS=str(args.nproc),
+                   DATA=args.image_root or "")
+        if args.device == "cpu":
+            env.setdefault("BF16", "0")
+    elif args.nproc > 1:
         env.setdefault("LAUNCHER", "torchrun")
     if args.ep:
         env["EP"] = str(args.ep)
@@ -112,8 +125,10 @@ def commands(args, scale: str, row: str, seed: int) -> list[tuple[str, list[str]
     """The (phase, command) list of one run."""
     d = run_dir(args.out_dir, scale, seed, row)
     ckpt = os.path.join(d, "checkpoints")
-    # the row script writes OUT_DIR/<row>/summary.json (--run-summary) = d/summary.json
-    train = ["bash", os.path.join(ROOT, "examples", "gpt2", f"{row}.sh"), "--seed", str(seed)]
+    # the gpt2 row scripts write OUT_DIR/<row>/summary.json (--run-summary) = d/summary.json
+    train = ["bash", row_script(args.family, row), "--seed", str(seed)]
+    if args.family == "vit":
+        train += ["--run-summary", os.path.join(d, "summary.json")]
     if args.eval_tokens:
         train += ["--eval-every-tokens", str(args.eval_tokens)]
     train += shlex.split(args.train_args)
@@ -125,6 +140,8 @@ def commands(args, scale: str, row: str, seed: int) -> list[tuple[str, list[str]
                              str(args.eval_batch), "--device", args.device]
                     + (["--include-path", args.tasks_dir] if args.tasks_dir else [])
                     + (["--limit", str(args.eval_limit)] if args.eval_limit else [])))
+    if args.family == "vit":
+        args.routing_data = args.routing_data or args.image_root
     if row != "dense" and args.routing_data:
         out.append(("routing", [args.python, os.path.join(ROOT, "tools", "analyze_routing.py"),
                                 "--load", ckpt, "--data-path", args.routing_data, "--tokens",
@@ -140,9 +157,10 @@ def run_one(args, scale: str, row: str, seed: int) -> Optional[dict]:
     done = os.path.join(d, "done.json")
     cmds = commands(args, scale, row, seed)
     if args.dry_run:
-        env = _env(args, scale, os.path.dirname(d))
-        knobs = " ".join(f"{k}={shlex.quote(env[k])}" for k in
-                         ("SCALE", "OUT_DIR", "GPUS_PER_NODE", "LAUNCHER", "EP") if k in env)
+        env = _env(args, scale, os.path.dirname(d), row)
+        names = (("OUT", "NGPUS", "DATA", "BF16", "EP") if args.family == "vit" else
+                 ("SCALE", "OUT_DIR", "GPUS_PER_NODE", "LAUNCHER", "EP"))
+        knobs = " ".join(f"{k}={shlex.quote(env[k])}" for k in names if k in env)
         for _, cmd in cmds:
             print(f"{knobs} {shlex.join(cmd)}" if cmd[0] == "bash" else shlex.join(cmd))
         return None
@@ -150,7 +168,7 @@ def run_one(args, scale: str, row: str, seed: int) -> Optional[dict]:
         print(f"[sweep] {scale}/{row}/seed{seed}: done, skipped")
         return None
     times = {}
-    env = _env(args, scale, os.path.dirname(d))
+    env = _env(args, scale, os.path.dirname(d), row)
     for phase, cmd in cmds:
         t0 = time.time()
         print(f"[sweep] {scale}/{row}/seed{seed}: {phase}", flush=True)
@@ -195,6 +213,10 @@ def load_run(d: str) -> Optional[dict]:
     for key in ("tokens_per_sec", "step_time_ms", "peak_memory_mb"):
         if summary.get(key) is not None:
             m[key] = summary[key]
+    vm = summary.get("valid_metrics", {}).get(str(last), {}) if last is not None else {}
+    for key, value in vm.items():  # DeiT's top-1 / top-5 (and the EMA's)
+        if "top1" in key or "top5" in key:
+            m["valid_" + key.replace(" ", "_")] = value
     ev = _read(os.path.join(d, "eval.json"))
     for r in (ev or {}).get("summary", []):
         m[f"{r['task']}/{r['metric']}"] = r["value"]
@@ -210,7 +232,7 @@ def load_run(d: str) -> Optional[dict]:
         layers = {"normalized_entropy": r["normalized_entropy"],
                   "max_fraction": r["max_fraction"], "fractions": r["fractions"],
                   "blocks": r["blocks"]}
-    return {"dir": d, "scale": done.get("scale") or summary.get("scale"),
+    return {"dir": d, "scale": done.get("scale") or summary.get("shape"),
             "row": done.get("row") or summary.get("row"),
             "seed": summary["seed"], "router": summary["router"], "metrics": m,
             "layers": layers, "valid_curve": {summary["tokens_per_iteration"] * it: v
@@ -434,7 +456,7 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
         common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if common:
             band(ax, common, [[c[t] for t in common] for c in curves], f"{scale}/{row}")
-    ax.set_xlabel("training tokens")
+    ax.set_xlabel("training tokens (ViT: patches + class token per image)")
     ax.set_ylabel("held-out loss")
     ax.legend(fontsize="x-small")
     fig.tight_layout()
@@ -486,7 +508,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=["dense", "learned", "self", "fixed_random",
                                                   "random"], help="row scripts (examples/gpt2)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--scale", nargs="+", default=["small"], help="SCALE values (sizes)")
+    p.add_argument("--scale", nargs="+", default=["small"],
+                   help="SCALE values (sizes; for --family vit a label of the run's flags)")
+    p.add_argument("--family", choices=sorted(FAMILY_DIRS), default="gpt",
+                   help="gpt: examples/gpt2 rows; vit: examples/deit rows (Table 2)")
+    p.add_argument("--image-root", default=None,
+                   help="vit: the image set (DATA of examples/deit; also routed)")
     p.add_argument("--out-dir", required=True, help="runs go to OUT/<scale>/seed<S>/<row>/")
     p.add_argument("--table-dir", default=None, help="table and figures [OUT/table]")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (GPUS_PER_NODE)")
@@ -510,8 +537,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     for row in args.rows:
-        if not os.path.isfile(os.path.join(ROOT, "examples", "gpt2", f"{row}.sh")):
-            p.error(f"--rows: no row script examples/gpt2/{row}.sh")
+        if not os.path.isfile(row_script(args.family, row)):
+            p.error(f"--rows: no row script examples/{FAMILY_DIRS[args.family]}/{row}.sh")
+    if args.family == "vit" and not args.image_root and not args.aggregate_only:
+        p.error("--family vit needs --image-root (an ImageFolder root or a Hugging Face dataset)")
+    if args.family == "vit" and (args.tasks or args.eval_tokens):
+        p.error("--tasks and --eval-tokens are for language models (--family gpt)")
     if args.nproc < 1:
         p.error(f"--nproc {args.nproc} must be >= 1")
     return args

@@ -50,6 +50,8 @@ deit_run() {
   while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do row_args+=("$1"); shift; done
   if [ "$#" -gt 0 ]; then shift; extra=("$@"); fi
   if [ "${#row_args[@]}" -gt 0 ]; then row_args=("${DEIT_MOE[@]}" "${row_args[@]}"); fi
+  local ep="${EP:-1}"
+  if [ "${#row_args[@]}" -eq 0 ]; then ep=1; fi  # dense: no experts to split
   local gpus
   gpus="${NGPUS:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}"
   [ "$gpus" -ge 1 ] || gpus=1
@@ -76,7 +78,7 @@ deit_run() {
   local -a cmd=("$DEIT_PY" -m torch.distributed.run --standalone --nproc-per-node "$gpus"
     "$DEIT_ROOT/pretrain_vit.py" "${DEIT_RECIPE[@]}" "${row_args[@]}" "${data[@]}"
     --batch-size "$micro" --global-batch-size "$global"
-    --expert-model-parallel-size "${EP:-1}"
+    --expert-model-parallel-size "$ep"
     "${precision[@]}"
     --save "$out/checkpoints" --load "$out/checkpoints" --tensorboard-dir "$out/tensorboard"
     "${extra[@]}")

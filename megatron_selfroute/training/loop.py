@@ -429,7 +429,7 @@ class Trainer:
         loss = metrics[name]
         self.result.valid_losses[it] = loss
         if self.summary is not None:
-            self.summary.note_eval(it, loss, rstats)
+            self.summary.note_eval(it, loss, rstats, metrics)
         if self.task.report_perplexity:
             metrics[f"{name} ppl"] = math.exp(min(loss, 50))
         self.logger.scalars("valid", metrics, it)
@@ -491,7 +491,8 @@ class Trainer:
                 moe = self.cfg.moe
                 self.summary.write(self.state.iteration, self.result.losses,
                                    self.state.iteration >= self.cfg.train.train_iters,
-                                   moe.router_type if moe.is_moe else "dense")
+                                   moe.router_type if moe.is_moe else "dense",
+                                   self.task.tokens_per_sample(self.cfg))
         finally:
             self.close()
         return self.result

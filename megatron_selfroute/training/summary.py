@@ -59,6 +59,7 @@ class RunSummary:
         self._step_it = 0
         self.train_loss: dict[int, float] = {}
         self.valid_loss: dict[int, float] = {}
+        self.valid_metrics: dict[int, dict[str, float]] = {}
         self.tokens_per_sec: list[float] = []
         self.step_ms: list[float] = []
         self.routing: Optional[dict] = None
@@ -81,12 +82,14 @@ class RunSummary:
         self.tokens_per_sec.append(tokens_per_sec)
         self.step_ms.append(step_ms)
 
-    def note_eval(self, iteration: int, loss: float, routing: Optional[dict]) -> None:
+    def note_eval(self, iteration: int, loss: float, routing: Optional[dict],
+                  metrics: Optional[dict] = None) -> None:
         self.valid_loss[iteration] = loss
+        self.valid_metrics[iteration] = {k: float(v) for k, v in (metrics or {}).items()}
         self.routing = routing
 
     def write(self, iteration: int, train_loss: dict[int, float], complete: bool,
-              router: str) -> None:
+              router: str, tokens_per_sample: Optional[int] = None) -> None:
         self._close_step()
         if not _rank0():
             return
@@ -104,6 +107,9 @@ class RunSummary:
         steps = {**old.get("step_digests", {}), **{str(k): v for k, v in self.steps.items()}}
         train = {**old.get("train_loss", {}), **{str(k): v for k, v in train_loss.items()}}
         valid = {**old.get("valid_loss", {}), **{str(k): v for k, v in self.valid_loss.items()}}
+        valid_metrics = {**old.get("valid_metrics", {}),
+                         **{str(k): v for k, v in self.valid_metrics.items()}}
+        per_sample = tokens_per_sample or m.seq_length
         # the first interval of a segment includes warm-up: left out when there are others
         rates = self.tokens_per_sec[1:] or self.tokens_per_sec
         times = self.step_ms[1:] or self.step_ms
@@ -115,9 +121,10 @@ class RunSummary:
             kind = "host max RSS (rank 0)"
         out = {
             "complete": complete, "iteration": iteration, "seed": tr.seed, "router": router,
-            "tokens_per_iteration": tr.global_batch_size * m.seq_length,
-            "shape": f"L{m.num_layers}-H{m.hidden_size}-S{m.seq_length}",
-            "train_loss": train, "valid_loss": valid,
+            "tokens_per_iteration": tr.global_batch_size * per_sample,
+            "samples_per_iteration": tr.global_batch_size,
+            "shape": f"L{m.num_layers}-H{m.hidden_size}-S{per_sample}",
+            "train_loss": train, "valid_loss": valid, "valid_metrics": valid_metrics,
             "tokens_per_sec": statistics.median(rates) if rates else old.get("tokens_per_sec"),
             "step_time_ms": statistics.median(times) if times else old.get("step_time_ms"),
             "peak_memory_mb": max(peak, old.get("peak_memory_mb") or 0.0),

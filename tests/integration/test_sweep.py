@@ -135,3 +135,28 @@ def test_dry_run_prints_every_command(tmp_path, shakespeare_prefix):
     assert len(lines) == 2 * 2 * 3  # train, eval, routing per run
     assert sum("examples/gpt2/self.sh --seed 1" in line for line in lines) == 1
     assert not (tmp_path / "sweep").exists()
+
+
+def test_aggregates_runs_made_elsewhere(swept, tmp_path):
+    """Row directories as a cluster leaves them (summary.json and the evaluations, no done.json:
+    the row scripts' layout OUT_DIR/<row>/) aggregate with --aggregate-only --runs; their scale
+    is the model shape."""
+    import shutil
+
+    root = swept[0]
+    for seed in SEEDS:
+        for row in ROWS:
+            dst = tmp_path / "cluster" / f"seed{seed}" / row
+            shutil.copytree(root / "tiny" / f"seed{seed}" / row, dst,
+                            ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+            (dst / "done.json").unlink()
+    cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--aggregate-only", "--runs",
+           str(tmp_path / "cluster"), "--out-dir", str(tmp_path / "agg")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads((tmp_path / "agg" / "table" / "table.json").read_text())
+    local = json.loads((root / "table" / "table.json").read_text())
+    assert {(e["scale"], e["row"]) for e in table["rows"]} == {("L2-H64-S64", r) for r in ROWS}
+    for e, ref in zip(sorted(table["rows"], key=lambda e: e["row"]),
+                      sorted(local["rows"], key=lambda e: e["row"]), strict=True):
+        assert e["metrics"] == ref["metrics"]  # the same numbers as the local table

