@@ -55,7 +55,7 @@ if [ "$FAMILY" = vit ]; then
     if [ "${DRY_RUN:-0}" != 1 ] && [ "${AGGREGATE_ONLY:-0}" != 1 ]; then
       "$PYTHON" "$ROOT/examples/data/prepare_digits.py" --out-dir "$IMAGE_ROOT"
     fi
-    TRAIN_ARGS="${TRAIN_ARGS:---img-size 32 --patch-size 4 --num-layers 4 --hidden-size 96 --num-attention-heads 3 --moe-layer-freq [0,1]*2 --epochs 12 --warmup-epochs 1 --lr 1e-3 --no-lr-scale --num-workers 0 --no-model-ema --no-repeated-aug --log-interval 22}"
+    TRAIN_ARGS="${TRAIN_ARGS:---img-size 32 --patch-size 4 --num-layers 4 --hidden-size 96 --num-attention-heads 3 --moe-layer-freq [0,1]*2 --epochs 12 --warmup-epochs 1 --lr 1e-3 --no-lr-scale --num-workers 0 --no-model-ema --no-repeated-aug --aa none --log-interval 22}"
     export GLOBAL_BATCH="${GLOBAL_BATCH:-64}" MICRO_BATCH="${MICRO_BATCH:-$((64 / NPROC))}"
     args+=(--ep "${EP:-$NPROC}")  # EP over every process (4 experts: NPROC 1, 2 or 4)
   fi
