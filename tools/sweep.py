@@ -477,7 +477,10 @@ def flop_split(runs: list[dict]) -> dict[str, dict[str, float]]:
         if r["scale"] in out or r["router"] == "dense":
             continue
         summary = _read(os.path.join(r["dir"], "summary.json"))
-        parts = gpt_flops_breakdown(Config.from_dict(summary["config"]))
+        cfg = Config.from_dict(summary["config"])
+        if cfg.model.vocab_size is None:  # a ViT: no output layer over a vocabulary
+            continue
+        parts = gpt_flops_breakdown(cfg)
         total = sum(parts.values())
         out[r["scale"]] = {k: v / total for k, v in parts.items()} | {"total_per_token": total}
     return out

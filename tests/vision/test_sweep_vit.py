@@ -1,5 +1,5 @@
 """The Table 2 comparison through the sweep on the bundled digits (slow: minutes on 2 cores):
-dense, learned and self with two seeds, a pipeline check (the digits saturate)."""
+dense, learned and self with two seeds: a pipeline check (above chance, not a result)."""
 from __future__ import annotations
 
 import json
@@ -21,6 +21,6 @@ def test_digits_table(tmp_path):
     rows = {e["row"]: e for e in table["rows"]}
     assert sorted(rows) == ["dense", "learned", "self"]
     for e in rows.values():
-        assert e["seeds"] == [0, 1] and e["metrics"]["valid_top1"]["mean"] > 50  # it learns
+        assert e["seeds"] == [0, 1] and e["metrics"]["valid_top1"]["mean"] > 20  # > chance (10)
     assert "mean_normalized_entropy" in rows["self"]["metrics"]
     assert all(c["same_batches"] and c["same_shared_init"] for c in table["pairing"].values())
