@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from typing import Any, Optional, Sequence
 
@@ -228,6 +229,7 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
         raise ConfigError(f"--micro-batch-size must be >= 1, got {tr.micro_batch_size}")
     if tr.train_iters is not None and tr.train_samples is not None:
         raise ConfigError("--train-iters and --train-samples are mutually exclusive")
+    _validate_numbers(cfg)
     d = cfg.data
     split_paths = [n for n in ("train_data_path", "valid_data_path", "test_data_path")
                    if getattr(d, n)]
@@ -244,6 +246,33 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     check_tensor_degree(cfg.parallel.tensor_model_parallel_size)
     if world_size is not None:
         ParallelLayout.from_config(cfg, world_size, rank=0)  # validates the degrees
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Ranges of the optimisation, schedule, logging and checkpoint numbers (NaN and inf are
+    refused wherever a finite number is meant)."""
+    tr, d = cfg.train, cfg.data
+    at_least = {"train_iters": 1, "train_samples": 1, "log_interval": 1, "eval_interval": 1,
+                "eval_iters": 0, "save_interval": 1, "keep_last": 1, "exit_interval": 1,
+                "lr_warmup_iters": 0, "lr_decay_iters": 1, "skip_nan_steps": 0}
+    for name, low in at_least.items():
+        value = getattr(tr, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{_flag(name)} must be >= {low}, got {value}")
+    if d.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {d.num_workers}")
+    finite_min = {"lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "clip_grad": 0.0,
+                  "save_lease_timeout": 0.0, "exit_duration_in_mins": 0.0}
+    for name, low in finite_min.items():
+        value = getattr(tr, name)
+        if value is not None and not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"{_flag(name)} must be a finite number >= {low:g}, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(tr, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1), got {value}")
+    if not (math.isfinite(tr.adam_eps) and tr.adam_eps > 0):
+        raise ConfigError(f"--adam-eps must be a finite number > 0, got {tr.adam_eps}")
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -253,6 +253,20 @@ class TrainConfig:
     save: Optional[str] = arg(None, "Checkpoint directory to write.")
     load: Optional[str] = arg(None, "Checkpoint directory to resume from.")
     save_interval: Optional[int] = arg(None, "Steps between checkpoints.")
+    keep_last: Optional[int] = arg(
+        None, "Keep only the newest N checkpoints in --save (older ones are deleted only after "
+        "a newer one is complete and the pointer names it).")
+    continue_on_save_failure: bool = arg(
+        False, "When a checkpoint save fails (full disk, I/O error, on any rank), log the missed "
+        "save and keep training instead of stopping (the previous checkpoint stays intact "
+        "either way).")
+    save_lease_timeout: float = arg(
+        300.0, "Seconds without a heartbeat after which another run may take over the lease on "
+        "--save (one writer per directory); 0 turns the lease off.")
+    load_fallback: bool = arg(
+        False, "When the checkpoint the pointer names fails verification (manifest sizes or "
+        "checksums), load the newest earlier checkpoint in --load that passes instead of "
+        "stopping.")
     no_load_optim: bool = arg(False, "Do not load optimizer state on resume.")
     no_load_rng: bool = arg(False, "Do not load RNG state on resume.")
     finetune: bool = arg(False, "Load weights only; reset iteration, optimizer and data.")
@@ -285,6 +299,10 @@ class DataConfig:
     valid_data_path: list = arg([], "Validation prefixes, each used whole (held-out loss).",
                                 nargs="*")
     test_data_path: list = arg([], "Test prefixes, each used whole.", nargs="*")
+    no_mmap_bin_files: bool = arg(
+        False, "Read .bin token files with positioned reads instead of memory maps (Megatron "
+        "core's flag): an unreadable region becomes an error naming file, document and offset "
+        "instead of a SIGBUS.")
     data_cache_path: Optional[str] = arg(None, "Where index caches go (default beside data).")
     mock_data: bool = arg(False, "Synthetic random tokens instead of --data-path.")
     tokenizer_type: str = arg(

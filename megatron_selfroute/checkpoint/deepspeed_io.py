@@ -9,6 +9,7 @@ writing does the reverse for any expert-parallel size, since DeepSpeed's expert 
 depend on it: DeepSpeed itself writes them through a one-process engine, and only
 `run_state.json` (config, world size, family) names the target layout.
 
+The input's manifest (`manifest.py`) is verified before anything is read; the output gets one.
 Every pickle is opened by `safe_load.py` (`torch.load(weights_only=True)` and an allow-list);
 anything else is refused without being executed.
 """
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_selfroute.checkpoint import CheckpointFormatError, rng
+from megatron_selfroute.checkpoint import CheckpointFormatError, manifest, rng
 from megatron_selfroute.checkpoint.adapters import EXPERT_MARK, family_of
 from megatron_selfroute.checkpoint.files import (
     MODEL_STATES,
@@ -67,6 +68,7 @@ def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict, st
         raise CheckpointFormatError(f"{tag_dir}: tensor/pipeline-parallel checkpoints are not "
                                     "supported")
     state = _run_state(tag_dir)
+    manifest.verify(tag_dir)  # sizes and checksums before anything is unpickled
     cfg = Config.from_dict(state["config"])
     main = safe_load(os.path.join(tag_dir, MODEL_STATES))
     if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
@@ -123,6 +125,7 @@ def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
                    "consumed_train_samples": int(meta.get("consumed_train_samples", 0)),
                    "world_size": world_size, "model_family": family,
                    "shape_config": shape_config or {}, "config": cfg.to_dict()}, f, indent=1)
+    manifest.write(tag_dir, manifest.entries(tag_dir, manifest.listed_files(tag_dir)))
     write_pointer(out_dir, tag)
     return tag_dir
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from megatron_selfroute.checkpoint import CheckpointFormatError
@@ -17,6 +18,7 @@ from megatron_selfroute.checkpoint import CheckpointFormatError
 POINTER = "latest_checkpointed_iteration.txt"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RUN_STATE = "run_state.json"
+TAG_RE = re.compile(r"iter_\d{7}")
 
 
 def tag_for(iteration: int) -> str:

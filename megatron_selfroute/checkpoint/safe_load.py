@@ -56,13 +56,35 @@ def safe_load(path: str, map_location: Any = "cpu") -> Any:
 
 
 class SafeCheckpointEngine:
-    """Wraps DeepSpeed's checkpoint engine so every file it loads goes through `safe_load`."""
+    """Wraps DeepSpeed's checkpoint engine: every file it loads goes through `safe_load`, and
+    every file it saves through `writes.torch_save` (fsynced; a failed write is recorded, the
+    partial file removed, and the rank goes on with DeepSpeed's collectives: the save's verdict
+    is taken over all ranks afterwards)."""
 
     def __init__(self, inner) -> None:
         self._inner = inner
+        self.failures: list[str] = []
+        self._fault = None
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
+
+    def begin_save(self, fault=None) -> None:
+        self.failures, self._fault = [], fault
+
+    def end_save(self) -> list[str]:
+        failures, self.failures, self._fault = self.failures, [], None
+        return failures
+
+    def save(self, state_dict, path: str) -> None:
+        from megatron_selfroute.checkpoint.writes import torch_save
+
+        if self.failures:  # this rank already failed this save: write nothing more
+            return
+        zipfile = getattr(self._inner, "zipfile_serialization", False)
+        err = torch_save(state_dict, path, self._fault, zipfile)
+        if err:
+            self.failures.append(err)
 
     def load(self, path: str, map_location=None):
         return safe_load(path, map_location)

@@ -7,11 +7,19 @@ Layout of `--save DIR`:
         rng_state_rank{r}.pt                every rank's RNG states (tensors and ints only)
         run_state.json                      iteration, consumed samples, the resolved config
 
+        manifest.json                       every file's size and CRC-32s (`checkpoint/manifest.py`)
+
 Saving writes into `iter_XXXXXXX.tmp` with DeepSpeed's `save_latest=False` (DeepSpeed's own
-`latest` file is written by rank 0 before other ranks finish), then after a barrier rank 0 renames
-the directory into place and replaces the pointer with `os.replace`. A crash at any moment leaves
-the previous checkpoint and pointer intact. Loading goes through `SafeCheckpointEngine`
-(`torch.load(weights_only=True)` with an allow-list).
+`latest` file is written by rank 0 before other ranks finish). Every file is fsynced, and a failed
+write (full disk, I/O error) is recorded instead of raised (`checkpoint/writes.py`); the ranks then
+agree (all-gather) whether every write succeeded. Only then are the files checksummed into the
+manifest (each rank a share), the directory renamed into place by rank 0 and the pointer replaced
+with `os.replace`; otherwise the partial directory is removed and every rank raises
+`CheckpointSaveError` (the caller stops, or goes on under --continue-on-save-failure). A crash at
+any moment leaves the previous checkpoint and pointer intact; --keep-last deletes older
+checkpoints only after the pointer names the new one. Loading verifies the manifest first (each
+rank a share; --load-fallback goes back to the newest earlier checkpoint that verifies), then goes
+through `SafeCheckpointEngine` (`torch.load(weights_only=True)` with an allow-list).
 """
 from __future__ import annotations
 
@@ -22,24 +30,27 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from megatron_selfroute.checkpoint import CheckpointError, CheckpointLoadError
+from megatron_selfroute.checkpoint import CheckpointError, CheckpointLoadError, manifest, writes
 from megatron_selfroute.checkpoint import rng as rng_codec
 from megatron_selfroute.checkpoint.files import (
+    POINTER,
     RUN_STATE,
+    TAG_RE,
     read_pointer,
     rng_file,
     tag_for,
     write_pointer,
 )
 from megatron_selfroute.checkpoint.safe_load import safe_load
+from megatron_selfroute.checkpoint.writes import disk_fault_from_env, json_save, torch_save
 from megatron_selfroute.config import Config
 from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.training.logging import print_rank0
 
-__all__ = ["CheckpointError", "ResumeState", "check_compatible", "load_checkpoint",
-           "read_pointer", "save_checkpoint", "tag_for"]
+__all__ = ["CheckpointError", "CheckpointSaveError", "LeaseLostError", "ResumeState",
+           "check_compatible", "load_checkpoint", "read_pointer", "save_checkpoint", "tag_for"]
 
 # Fields whose change makes a checkpoint incompatible (shape or routing semantics).
 _MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -61,41 +72,152 @@ class ResumeState:
     weights_loaded: bool = False  # set by load_checkpoint (not saved)
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save that did not complete on every rank; the previous checkpoint is intact."""
+
+
+class LeaseLostError(CheckpointSaveError):
+    """Another run holds the lease on --save now: this run must not write there again."""
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_failure(errors: list, what: str) -> Optional[str]:
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if not bad:
+        return None
+    rank, err = bad[0]
+    more = f" (and on {len(bad) - 1} more ranks)" if len(bad) > 1 else ""
+    return f"{what} failed on rank {rank}: {err}{more}"
+
+
+def checkpoint_tags(save_dir: str) -> list[str]:
+    """Complete-looking checkpoint directories (`iter_` + 7 digits), oldest first."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(n for n in names if TAG_RE.fullmatch(n)
+                  and os.path.isdir(os.path.join(save_dir, n)))
+
+
+def _remove_tree(path: str) -> None:
+    """Rename out of the checkpoint namespace first, then delete (a crash mid-delete leaves a
+    `.deleted` directory nobody loads)."""
+    gone = path + ".deleted"
+    try:
+        os.replace(path, gone)
+    except OSError:
+        gone = path
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def prune(save_dir: str, keep_last: int, current: str) -> list[str]:
+    """Delete all but the newest `keep_last` checkpoints (never `current`); returns the
+    deleted tags."""
+    tags = [t for t in checkpoint_tags(save_dir) if t != current]
+    doomed = tags[:max(len(tags) - (keep_last - 1), 0)]
+    for tag in doomed:
+        _remove_tree(os.path.join(save_dir, tag))
+    return doomed
+
+
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
                     layout: ParallelLayout, shape_config: Optional[dict] = None,
-                    family: str = "gpt") -> str:
-    """Save atomically; returns the final directory. Called by every rank."""
-    rank = layout.rank
+                    family: str = "gpt", lease=None) -> str:
+    """Save atomically and verifiably; returns the final directory. Called by every rank.
+
+    Every rank reports whether its writes succeeded; only when all did are the files
+    checksummed (each rank a share) into the manifest, the directory renamed into place and the
+    pointer moved; otherwise the partial directory is removed and CheckpointSaveError names the
+    first failure (the previous checkpoint stays the one the pointer names).
+    """
+    rank, world = layout.rank, layout.world_size
     final = tag_for(state.iteration)
     tmp = final + ".tmp"
     tmp_path = os.path.join(save_dir, tmp)
+    previous = None
+    msg = lease_msg = None
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        if os.path.exists(tmp_path):  # leftover of a crashed save
-            shutil.rmtree(tmp_path)
-    dist.barrier()
+        msg = lease_msg = lease.check() if lease is not None else None
+        if msg is None:
+            try:
+                os.makedirs(save_dir, exist_ok=True)
+                previous = read_pointer(save_dir)
+                if os.path.exists(tmp_path):  # leftover of a crashed save
+                    shutil.rmtree(tmp_path)
+            except (OSError, CheckpointError) as e:
+                msg = f"preparing {tmp_path} failed: {e}"
+    msg, lease_msg, previous = _broadcast((msg, lease_msg, previous), world)
+    if lease_msg is not None:
+        raise LeaseLostError(lease_msg)
+    if msg is not None:
+        raise CheckpointSaveError(f"checkpoint {final} was not saved: {msg}")
+    intact = (f"{os.path.join(save_dir, POINTER)} still names {previous} (intact)" if previous
+              else "no earlier checkpoint exists")
+    fault = disk_fault_from_env(state.iteration, rank)
+    ckpt_engine = engine.checkpoint_engine
+    ckpt_engine.begin_save(fault)
     engine.save_checkpoint(save_dir, tag=tmp, client_state={}, save_latest=False)
-    torch.save(rng_codec.capture(), os.path.join(tmp_path, rng_file(rank)))
+    failures = ckpt_engine.end_save()
+    if not failures:
+        err = torch_save(rng_codec.capture(), os.path.join(tmp_path, rng_file(rank)), fault)
+        if err is None and rank == 0:
+            run_state = {"iteration": state.iteration,
+                         "consumed_train_samples": state.consumed_train_samples,
+                         "skipped_steps": state.skipped_steps,
+                         "world_size": layout.world_size, "layout": layout.describe(),
+                         "config": cfg.to_dict(),
+                         "shape_config": shape_config or {}, "model_family": family}
+            err = json_save(run_state, os.path.join(tmp_path, RUN_STATE), fault)
+        failures = [err] if err else []
+    msg = _first_failure(_gather(failures[0] if failures else None, world), "writing")
+    if msg is None:  # every file is there: each rank checksums a share for the manifest
+        names = manifest.listed_files(tmp_path)
+        try:
+            part, err = manifest.entries(tmp_path, names[rank::world]), None
+        except OSError as e:
+            part, err = {}, f"reading back {e.filename}: {e.strerror}"
+        parts = _gather((part, err), world)
+        msg = _first_failure([p[1] for p in parts], "checksumming")
+    deleted: list[str] = []
     if rank == 0:
-        run_state = {"iteration": state.iteration,
-                     "consumed_train_samples": state.consumed_train_samples,
-                     "skipped_steps": state.skipped_steps,
-                     "world_size": layout.world_size, "layout": layout.describe(),
-                     "config": cfg.to_dict(),
-                     "shape_config": shape_config or {}, "model_family": family}
-        with open(os.path.join(tmp_path, RUN_STATE), "w") as f:
-            json.dump(run_state, f, indent=1)
-    dist.barrier()
-    if rank == 0:
-        final_path = os.path.join(save_dir, final)
-        old = final_path + ".old"
-        if os.path.exists(final_path):
-            os.replace(final_path, old)
-        os.replace(tmp_path, final_path)
-        write_pointer(save_dir, final)
-        if os.path.exists(old):
-            shutil.rmtree(old)
-    dist.barrier()
+        if msg is None:
+            try:
+                manifest.write(tmp_path, {k: v for p in parts for k, v in p[0].items()})
+                final_path = os.path.join(save_dir, final)
+                old = final_path + ".old"
+                if os.path.exists(final_path):
+                    os.replace(final_path, old)
+                os.replace(tmp_path, final_path)
+                write_pointer(save_dir, final)
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+            except OSError as e:
+                msg = f"finishing the save on rank 0 failed: {writes.describe(e, tmp_path)}"
+        if msg is not None:
+            _remove_tree(tmp_path)
+        elif cfg.train.keep_last:
+            deleted = prune(save_dir, cfg.train.keep_last, final)
+    msg, deleted = _broadcast((msg, deleted), world)
+    if msg is not None:
+        raise CheckpointSaveError(f"checkpoint {final} was not saved: {msg}; {intact}")
+    if deleted:
+        print_rank0(f"> --keep-last {cfg.train.keep_last}: deleted {', '.join(deleted)}")
     return os.path.join(save_dir, final)
 
 
@@ -122,12 +244,57 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
             "tools/checkpoint/convert.py")
 
 
+def verify_shared(tag_dir: str, layout: ParallelLayout) -> Optional[str]:
+    """Verify `tag_dir` against its manifest, each rank a share of the files; every rank gets
+    the same answer: None (verified, or no manifest: an older checkpoint) or the first
+    problem."""
+    rank, world = layout.rank, layout.world_size
+    try:
+        doc = manifest.read(tag_dir)
+        names = sorted(doc["files"]) if doc is not None else []
+        bad = manifest.problems(tag_dir, names[rank::world]) if doc is not None else []
+        if rank == 0 and doc is not None:
+            bad += manifest.unlisted(tag_dir, doc)[:1]
+        err = bad[0] if bad else None
+    except CheckpointError as e:
+        err = str(e)
+    errors = _gather(err, world)
+    bad = [e for e in errors if e]
+    return bad[0] if bad else None
+
+
+def choose_verified(load_dir: str, tag: str, layout: ParallelLayout, fallback: bool) -> str:
+    """The pointer's tag when it verifies; with --load-fallback the newest earlier one that
+    does; otherwise CheckpointError naming the damage."""
+    problem = verify_shared(os.path.join(load_dir, tag), layout)
+    if problem is None:
+        if manifest.read(os.path.join(load_dir, tag)) is None:
+            print_rank0(f"> {os.path.join(load_dir, tag)} has no manifest (written before "
+                        "manifests existed): loaded unverified")
+        return tag
+    if not fallback:
+        raise CheckpointError(f"{problem}; --load-fallback loads the newest earlier checkpoint "
+                              "that verifies, tools/checkpoint/verify.py checks them all")
+    for older in reversed([t for t in checkpoint_tags(load_dir) if t < tag]):
+        print_rank0(f"> --load-fallback: {os.path.join(load_dir, tag)} is damaged ({problem}); "
+                    f"trying {older}")
+        tag = older
+        problem = verify_shared(os.path.join(load_dir, tag), layout)
+        if problem is None:
+            print_rank0(f"> --load-fallback: loading {os.path.join(load_dir, tag)} (the pointer "
+                        "file still names the damaged checkpoint until the next save)")
+            return tag
+    raise CheckpointError(f"{problem}; --load-fallback found no earlier checkpoint in "
+                          f"{load_dir} that verifies")
+
+
 def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
                     shape_config: Optional[dict] = None) -> Optional[ResumeState]:
     """Restore model, optimizer, RNG and position; None when `load_dir` holds no checkpoint."""
     tag = read_pointer(load_dir)
     if tag is None:
         return None
+    tag = choose_verified(load_dir, tag, layout, cfg.train.load_fallback)
     path = os.path.join(load_dir, tag)
     try:
         with open(os.path.join(path, RUN_STATE)) as f:

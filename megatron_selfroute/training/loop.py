@@ -50,6 +50,7 @@ from megatron_selfroute.training.faults import (
     skip_or_stop,
     zero_loss,
 )
+from megatron_selfroute.training.lease import SaveLease
 from megatron_selfroute.training.logging import (
     MetricsLogger,
     RoutingAccumulator,
@@ -114,6 +115,35 @@ def _check_writable(path: Optional[str], flag: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror})") from None
+
+
+def _take_outputs(cfg: Config, layout: ParallelLayout) -> Optional[SaveLease]:
+    """Rank 0 checks the output directories and takes the lease on --save; every rank gets the
+    verdict (one line on every rank, before any model is built)."""
+    tr = cfg.train
+    lease, err = None, None
+    if layout.rank == 0:
+        try:
+            _check_writable(tr.save, "--save")
+            _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
+            if tr.save and tr.save_lease_timeout:
+                lease = SaveLease(tr.save, tr.save_lease_timeout).acquire()
+                if lease.took_over:
+                    print_rank0(f"> took over the lease on --save {tr.save}: "
+                                f"{lease.took_over}")
+        except ConfigError as e:
+            err = str(e)
+        except OSError as e:
+            err = f"--save {tr.save}: cannot take the lease ({e.strerror or e})"
+    if layout.world_size > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        if lease is not None:
+            lease.release()
+        raise ConfigError(err)
+    return lease
 
 
 def batches(dataset, cfg: Config, consumed: int, total: int, collate,
@@ -214,6 +244,7 @@ class Trainer:
     profiler: Any = None
     bias: Optional[ExpertBiasUpdater] = None
     summary: Optional[RunSummary] = None
+    lease: Optional[SaveLease] = None
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -229,11 +260,18 @@ class Trainer:
         layout.validate(cfg)
         layout.build_groups()
         cfg = resolve_config(cfg, layout)
+        lease = _take_outputs(cfg, layout)
+        try:
+            return cls._setup(cfg, task, layout, extra_ds, fault_hook, lease)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+
+    @classmethod
+    def _setup(cls, cfg: Config, task: Task, layout: ParallelLayout, extra_ds: Optional[dict],
+               fault_hook: Optional[FaultHook], lease: Optional[SaveLease]) -> "Trainer":
         tr = cfg.train
-        if layout.rank == 0:
-            _check_writable(tr.save, "--save")
-            _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
-        dist.barrier()
         torch.manual_seed(tr.seed)
         if tr.deterministic:  # bit-exact resume on GPU (cuBLAS needs a fixed workspace)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -268,7 +306,7 @@ class Trainer:
                    timers=Timers(tr.timing_log_level), profiler=_maybe_profiler(cfg),
                    bias=ExpertBiasUpdater(engine.module, cfg.moe.moe_router_bias_update_rate,
                                           layout.dp_group),
-                   summary=summary)
+                   summary=summary, lease=lease)
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -444,9 +482,25 @@ class Trainer:
         print_rank0(line)
 
     def save(self) -> None:
-        self.last_saved = checkpointing.save_checkpoint(self.engine, self.cfg.train.save,
-                                                        self.cfg, self.state, self.layout,
-                                                        self.task.shape_config, self.task.family)
+        """Save a checkpoint; a failed save (any rank) stops the run, or under
+        --continue-on-save-failure is logged and counted, the previous checkpoint intact."""
+        tr = self.cfg.train
+        try:
+            self.last_saved = checkpointing.save_checkpoint(
+                self.engine, tr.save, self.cfg, self.state, self.layout, self.task.shape_config,
+                self.task.family, lease=self.lease)
+        except checkpointing.LeaseLostError:
+            raise
+        except checkpointing.CheckpointSaveError as e:
+            if not tr.continue_on_save_failure:
+                raise checkpointing.CheckpointSaveError(
+                    f"{e} (--continue-on-save-failure keeps training)") from None
+            self.result.missed_saves.append(self.state.iteration)
+            print_rank0(f"> WARNING: {e}; training goes on (--continue-on-save-failure, "
+                        f"{len(self.result.missed_saves)} missed saves)")
+            self.logger.scalars("train", {"missed-saves": float(len(self.result.missed_saves))},
+                                self.state.iteration)
+            return
         print_rank0(f"> saved checkpoint {self.last_saved}")
 
     def _exit_reason(self) -> Optional[str]:
@@ -505,6 +559,9 @@ class Trainer:
             self.profiler = None
         self.logger.close()
         self.exit_signal.close()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,

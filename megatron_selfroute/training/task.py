@@ -52,3 +52,4 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
     valid_losses: dict[int, float] = field(default_factory=dict)
     exit_reason: str = "done"
+    missed_saves: list[int] = field(default_factory=list)  # iterations whose save failed

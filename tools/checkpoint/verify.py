@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Check training checkpoints without building a model.
+
+    verify.py DIR            a --save directory: every iter_* checkpoint in it (the one its
+                             pointer names is marked); or one tag directory
+    verify.py DIR --latest   only the checkpoint the pointer names
+
+For each checkpoint: its manifest (every file's size and CRC-32 per 16 MiB chunk) against the
+files, and the files its run state implies (model states, one file per MoE layer and global
+expert, an RNG file per rank, the optimizer states). Checkpoints written before manifests
+existed are checked for completeness only and reported as unverified.
+
+Prints one line per checkpoint (OK / UNVERIFIED / DAMAGED with the first problem, and every
+further problem indented under it); exits 0 when every checked checkpoint is usable, 1 when one
+is damaged, 2 on a bad argument (the directory is not a checkpoint). `--json FILE` writes the
+report as JSON too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron_selfroute.checkpoint import CheckpointFormatError  # noqa: E402
+from megatron_selfroute.checkpoint.files import (  # noqa: E402
+    MODEL_STATES,
+    POINTER,
+    RUN_STATE,
+    TAG_RE,
+    expert_file,
+    rng_file,
+)
+from megatron_selfroute.checkpoint.manifest import problems, read  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a --save directory or one checkpoint (tag) directory")
+    p.add_argument("--latest", action="store_true", help="only the checkpoint the pointer names")
+    p.add_argument("--json", default=None, help="also write the report here")
+    return p.parse_args(argv)
+
+
+def expected_files(tag_dir: str) -> list[str]:
+    """Files the run state implies (a missing one makes the checkpoint unusable)."""
+    from megatron_selfroute.config import Config
+
+    path = os.path.join(tag_dir, RUN_STATE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        cfg = Config.from_dict(state["config"])
+        world = int(state["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointFormatError(f"{path}: not a run state of this project ({e})") from None
+    names = [MODEL_STATES] + [rng_file(r) for r in range(world)]
+    if cfg.moe.is_moe:
+        moe_layers = sum(cfg.moe.layer_pattern(cfg.model.num_layers))
+        names += [expert_file(layer, e) for layer in range(moe_layers)
+                  for e in range(cfg.moe.num_experts)]
+    return names
+
+
+def check_tag(tag_dir: str) -> dict:
+    """{"status": OK|UNVERIFIED|DAMAGED, "problems": [...]} of one checkpoint directory."""
+    try:
+        found = [os.path.join(tag_dir, n) + ": missing" for n in expected_files(tag_dir)
+                 if not os.path.isfile(os.path.join(tag_dir, n))]
+        if not any(n.endswith("optim_states.pt") for n in os.listdir(tag_dir)):
+            found.append(f"{tag_dir}: no optimizer states (*optim_states.pt)")
+        found += problems(tag_dir)
+        verified = read(tag_dir) is not None
+    except CheckpointFormatError as e:
+        found, verified = [str(e)], False
+    status = "DAMAGED" if found else ("OK" if verified else "UNVERIFIED")
+    return {"status": status, "problems": found}
+
+
+def verify(path: str, latest: bool) -> dict[str, dict]:
+    if not os.path.isdir(path):
+        raise CheckpointFormatError(f"{path}: not a directory")
+    if os.path.isfile(os.path.join(path, RUN_STATE)):
+        return {path: check_tag(path)}
+    pointer_path = os.path.join(path, POINTER)
+    pointed = None
+    if os.path.isfile(pointer_path):
+        with open(pointer_path) as f:
+            pointed = f.read().strip()
+    tags = sorted(n for n in os.listdir(path) if TAG_RE.fullmatch(n)
+                  and os.path.isdir(os.path.join(path, n)))
+    if not tags and pointed is None:
+        raise CheckpointFormatError(f"{path}: neither a checkpoint ({RUN_STATE}) nor a --save "
+                                    f"directory ({POINTER} or iter_* directories)")
+    report = {}
+    if pointed is not None and pointed not in tags:
+        report[os.path.join(path, pointed)] = {
+            "status": "DAMAGED", "pointer": True,
+            "problems": [f"{pointer_path} names {pointed!r}, which is not a checkpoint directory"]}
+    for tag in tags:
+        if latest and tag != pointed:
+            continue
+        report[os.path.join(path, tag)] = dict(check_tag(os.path.join(path, tag)),
+                                               pointer=tag == pointed)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        report = verify(args.path, args.latest)
+    except CheckpointFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for tag_dir, res in report.items():
+        mark = "  <- pointer" if res.get("pointer") else ""
+        first = f": {res['problems'][0]}" if res["problems"] else ""
+        print(f"{res['status']:10s} {tag_dir}{mark}{first}")
+        for more in res["problems"][1:]:
+            print(f"           {more}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    sys.exit(1 if any(r["status"] == "DAMAGED" for r in report.values()) else 0)
+
+
+if __name__ == "__main__":
+    main()
