@@ -116,6 +116,16 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
         torch.cuda.set_device(int(local) % torch.cuda.device_count())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     _default_group_timeout(timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart != "0":
+        # torchrun --max-restarts (torch 2.14): restarted workers share the agent's store with
+        # the dead attempt, whose process-group keys (every rank's address) are still there, so
+        # gloo/NCCL connect to dead peers. Give this attempt its own key prefix.
+        store = dist.PrefixStore(f"megatron_selfroute/restart_{restart}/", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+            int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout))
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 

@@ -59,6 +59,23 @@ def nan_injection_from_env(rank: int) -> FaultHook:
     return hook
 
 
+def kill_injection_from_env(rank: int) -> Optional[int]:
+    """MEGATRON_SELFROUTE_KILL_AT="5@1": rank 1 SIGKILLs itself at the start of iteration 5
+    ("5": every rank), only in a launcher's first attempt (TORCHELASTIC_RESTART_COUNT unset or
+    0), so a torchrun --max-restarts test sees one death and then a clean restart."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    for item in filter(None, os.environ.get("MEGATRON_SELFROUTE_KILL_AT", "").split(",")):
+        it, _, on = item.partition("@")
+        if not on or int(on) == rank:
+            return int(it)
+    return None
+
+
+def die_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ExitSignal:
     """The run's SIGTERM latch (--exit-signal-handler): set by the signal, read at step ends by
     every rank (all-reduced), the previous handler restored by `close`."""

@@ -46,6 +46,8 @@ from megatron_selfroute.training.faults import (
     FaultHook,
     TrainingError,
     any_rank_nonfinite,
+    die_now,
+    kill_injection_from_env,
     nan_injection_from_env,
     skip_or_stop,
     zero_loss,
@@ -245,6 +247,7 @@ class Trainer:
     bias: Optional[ExpertBiasUpdater] = None
     summary: Optional[RunSummary] = None
     lease: Optional[SaveLease] = None
+    kill_at: Optional[int] = None  # fault injection (MEGATRON_SELFROUTE_KILL_AT)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -306,7 +309,8 @@ class Trainer:
                    timers=Timers(tr.timing_log_level), profiler=_maybe_profiler(cfg),
                    bias=ExpertBiasUpdater(engine.module, cfg.moe.moe_router_bias_update_rate,
                                           layout.dp_group),
-                   summary=summary, lease=lease)
+                   summary=summary, lease=lease,
+                   kill_at=kill_injection_from_env(layout.rank))
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -314,6 +318,8 @@ class Trainer:
         """Forward/backward over the micro-batches and one optimizer step (lr 0 when skipped)."""
         tr, engine, timers, state = self.cfg.train, self.engine, self.timers, self.state
         it = state.iteration
+        if self.kill_at == it + 1:
+            die_now()
         lr = learning_rate(tr, it, tr.train_iters)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr

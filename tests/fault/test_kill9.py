@@ -2,9 +2,12 @@
 killed with SIGKILL at random moments -- half of the kills aimed inside checkpoint saves -- and
 relaunched with --load until it finishes; its final losses and weights equal an uninterrupted
 run's exactly."""
+import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -136,3 +139,30 @@ def test_kill9_some_kills_hit_saves():
     """Over the 10 trials (run after them in file order), kills land inside checkpoint saves."""
     print(f"kills during a checkpoint save: {len(KILLS_DURING_SAVE)}")
     assert len(KILLS_DURING_SAVE) >= 2
+
+
+def test_torchrun_max_restarts_resumes_bit_exact(tmp_path, reference):
+    """Under torchrun --max-restarts, rank 1 SIGKILLed at iteration 7 makes torchrun restart
+    both workers; they resume from the latest checkpoint (taking over the dead run's --save
+    lease) and finish with the uninterrupted run's final weights and losses."""
+    ckpt = tmp_path / "ckpt"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    log = tmp_path / "torchrun.log"
+    env = dict(os.environ, MEGATRON_SELFROUTE_KILL_AT="7@1", OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        rc = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
+             "--monitor-interval", "0.5", "pretrain_gpt.py", *ARGS, "--save", str(ckpt),
+             "--load", str(ckpt), "--tensorboard-dir", str(tmp_path / "tb")],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400).returncode
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "resumed from" in text and "at iteration 6" in text, text[-3000:]
+    assert "took over the lease on --save" in text
+    assert [int(s) for s, _ in logged_losses(log)].count(7) == 1  # killed before logging 7
+    tag, weights = final_weights(ckpt)
+    assert tag == reference["tag"] and weights.keys() == reference["weights"].keys()
+    for k, v in weights.items():
+        assert torch.equal(v, reference["weights"][k]), k
+    for step, text_loss in logged_losses(log):
+        assert text_loss == reference["printed"][int(step)], step
