@@ -87,7 +87,7 @@ def write_file(path: str, fill: Callable[[object], None],
             f.flush()
             os.fsync(f.fileno())
         return None
-    except Exception as e:  # noqa: BLE001 - torch's writer wraps the OSError
+    except Exception:  # noqa: BLE001 - torch's writer wraps the OSError
         try:
             os.unlink(path)
         except OSError:

@@ -1,7 +1,6 @@
 """A failed checkpoint save on any rank (an injected ENOSPC at the file-write level on rank 1,
 and a real full tmpfs where the test may mount one), --keep-last, and the one-writer lease on
 --save, all in one 2-process group (`save_cases.py`)."""
-import os
 import subprocess
 
 import pytest
