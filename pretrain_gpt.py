@@ -66,7 +66,8 @@ def make_task(cfg: Config) -> Task:
                          for i, n in enumerate(num_samples))
         options = dict(cache_dir=d.data_cache_path, reset_position_ids=d.reset_position_ids,
                        reset_attention_mask=d.reset_attention_mask,
-                       eod_mask_loss=d.eod_mask_loss, eod_token=tokenizer.eod)
+                       eod_mask_loss=d.eod_mask_loss, eod_token=tokenizer.eod,
+                       mmap=not d.no_mmap_bin_files)
         if d.train_data_path:  # Megatron core's per-split files, each used whole
             return build_split_path_datasets(
                 [d.train_data_path, d.valid_data_path, d.test_data_path], m.seq_length,

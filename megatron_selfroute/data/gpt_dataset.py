@@ -340,6 +340,7 @@ def build_train_valid_test_datasets(
     reset_attention_mask: bool = False,
     eod_mask_loss: bool = False,
     eod_token: int | None = None,
+    mmap: bool = True,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """Train, valid and test datasets of one prefix or a weighted blend of prefixes.
 
@@ -350,7 +351,7 @@ def build_train_valid_test_datasets(
     prefix).
     """
 
-    datasets, weights = _open_blend(data_path)
+    datasets, weights = _open_blend(data_path, mmap)
     bounds = [parse_split(split, ds.num_documents) for ds in datasets]
     options = dict(
         reset_position_ids=reset_position_ids,
@@ -370,6 +371,7 @@ def build_split_path_datasets(
     seed: int,
     train_valid_test_num_samples: Sequence[int | None],
     cache_dir: str | None = None,
+    mmap: bool = True,
     **options,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """Train, valid and test datasets from their own prefixes (Megatron core's
@@ -380,7 +382,7 @@ def build_split_path_datasets(
         if not split_paths[i]:
             result.append(None)
             continue
-        datasets, weights = _open_blend(split_paths[i])
+        datasets, weights = _open_blend(split_paths[i], mmap)
         ranges = [np.arange(ds.num_documents) for ds in datasets]
         result.append(_split_dataset(datasets, weights, ranges, name,
                                      train_valid_test_num_samples[i], seq_length, seed,
@@ -388,13 +390,14 @@ def build_split_path_datasets(
     return tuple(result)
 
 
-def _open_blend(data_path: Sequence[str]) -> tuple[list[IndexedDataset], list[float]]:
+def _open_blend(data_path: Sequence[str], mmap: bool = True
+                ) -> tuple[list[IndexedDataset], list[float]]:
     """The indexed datasets of a (weighted) prefix list and their normalised weights."""
     blend = parse_data_path(data_path)
     total_weight = sum(w for w, _ in blend)
     datasets = []
     for _, prefix in blend:
-        ds = IndexedDataset(prefix)
+        ds = IndexedDataset(prefix, mmap=mmap)
         if ds.num_documents == 0:
             raise ValueError(f"{prefix}: empty dataset (no documents)")
         if ds.num_documents != len(ds):

@@ -162,16 +162,25 @@ class IndexedDatasetBuilder:
             f.write(np.frombuffer(self._document_indices, dtype=np.int64).tobytes())
 
 
+class DataReadError(ValueError):
+    """A region of a ``.bin`` that cannot be read now (file shrunk, I/O error), named by file,
+    sequence (document) and byte offset."""
+
+
 class IndexedDataset:
-    """Read-only view of an ``MMIDIDX`` dataset; sequences are zero-copy numpy memmap slices.
+    """Read-only view of an ``MMIDIDX`` dataset; sequences are zero-copy numpy memmap slices
+    (``mmap=False``: positioned reads, Megatron core's ``--no-mmap-bin-files``).
 
     The header, the ``.idx`` size and the extent of the ``.bin`` are validated on open, so a
     truncated or foreign file fails at once with a ``ValueError`` naming it rather than as
-    garbage tokens mid-training. Pickles by prefix (for DataLoader workers).
+    garbage tokens mid-training. Every read checks that the ``.bin`` still holds the region
+    (a file truncated or replaced under a running job would otherwise kill a loader worker with
+    SIGBUS) and turns an I/O error into a ``DataReadError`` naming file, document and offset.
+    Pickles by prefix (for DataLoader workers).
     """
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+    def __init__(self, prefix: str, mmap: bool = True) -> None:
+        self.prefix, self.mmap = prefix, mmap
         idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
@@ -187,10 +196,20 @@ class IndexedDataset:
                     f"{bin_path}: truncated or mismatched data file ({bin_size} bytes, "
                     f"index points to {end})"
                 )
-        if bin_size:
+        self.bin_path = bin_path
+        self._fd = os.open(bin_path, os.O_RDONLY)
+        if bin_size and mmap:
             self._bin = np.memmap(bin_path, dtype=self.dtype, mode="r")
         else:
             self._bin = np.empty(0, dtype=self.dtype)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _read_index(self, idx_path: str) -> None:
         """Parse and validate the ``.idx`` header and map its three arrays."""
@@ -220,11 +239,12 @@ class IndexedDataset:
         if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or np.any(np.diff(docs) < 0):
             raise ValueError(f"{idx_path}: corrupt document index")
 
-    def __getstate__(self) -> str:
-        return self.prefix
+    def __getstate__(self) -> tuple[str, bool]:
+        return self.prefix, self.mmap
 
-    def __setstate__(self, prefix: str) -> None:
-        self.__init__(prefix)
+    def __setstate__(self, state) -> None:
+        prefix, mmap = state if isinstance(state, tuple) else (state, True)
+        self.__init__(prefix, mmap)
 
     def __len__(self) -> int:
         """Number of sequences (equal to the number of documents for GPT text data)."""
@@ -243,7 +263,22 @@ class IndexedDataset:
         if offset < 0 or length < 0 or offset + length > seq_len:
             raise IndexError(f"tokens [{offset}, {offset + length}) outside sequence of {seq_len}")
         start = int(self.sequence_pointers[idx]) // self.itemsize + offset
-        return self._bin[start : start + length]
+        first, nbytes = start * self.itemsize, length * self.itemsize
+        where = f"{self.bin_path}: document {idx}, bytes {first}-{first + nbytes - 1}"
+        try:
+            if self.mmap:
+                size = os.fstat(self._fd).st_size
+                if first + nbytes > size:
+                    raise DataReadError(f"{where}: beyond the end of the file ({size} bytes "
+                                        "now; was it truncated or rewritten while training?)")
+                return self._bin[start : start + length]
+            data = os.pread(self._fd, nbytes, first)
+        except OSError as e:
+            raise DataReadError(f"{where}: cannot be read ({e.strerror or e})") from None
+        if len(data) != nbytes:
+            raise DataReadError(f"{where}: read {len(data)} of {nbytes} bytes (the file is "
+                                "shorter than its index says; was it truncated or rewritten?)")
+        return np.frombuffer(data, dtype=self.dtype)
 
     def __getitem__(self, idx: int | slice) -> np.ndarray | list[np.ndarray]:
         """One sequence's tokens, or a list of them for a contiguous slice."""

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.mixup import mixup_target
 from torch import Tensor
@@ -166,20 +166,55 @@ def open_images(data_path: Optional[str], hf_dataset: Optional[str], split: str)
     return FolderImages(data_path, split)
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize op, also for 0 bits kept: DeiT's RandAugment (`...-inc1`) asks for 0 at
+    magnitude 10 (m9 + mstd 0.5 reaches it for ~2% of draws), which Pillow >= 11 refuses
+    ("bits must be between or equal to 1 and 8"), killing the loader; older Pillow returned the
+    all-black image, as this does."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+
+
+class _ResizeSmall:
+    """Images of 32 px or less: resize (bicubic) to img_size x img_size when their size
+    differs, as larger sizes are resized by the DeiT transforms (same-size images untouched)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img):
+        if img.size == (self.size, self.size):
+            return img
+        return img.resize((self.size, self.size), Image.BICUBIC)
+
+
 def train_transform(img_size: int, auto_augment: Optional[str], re_prob: float) -> Callable:
     """DeiT's training transform (timm): random-resized crop (bicubic), flip, RandAugment,
-    normalise, random erasing (pixel mode); images of 32 px or less: random crop with padding 4."""
+    normalise, random erasing (pixel mode); images of 32 px or less: resized to the size when it differs, random crop with padding 4."""
     aa = None if not auto_augment or auto_augment.lower() == "none" else auto_augment
+    _patch_timm_posterize()
     t = create_transform(img_size, is_training=True, color_jitter=0.3, auto_augment=aa,
                          interpolation="bicubic", re_prob=re_prob, re_mode="pixel", re_count=1)
     if img_size <= 32:
         t.transforms[0] = transforms.RandomCrop(img_size, padding=4)
+        t.transforms.insert(0, _ResizeSmall(img_size))
     return t
 
 
 def eval_transform(img_size: int) -> Callable:
-    """DeiT's evaluation transform: resize to 256/224 x size (bicubic), centre crop, normalise."""
-    steps: list = []
+    """DeiT's evaluation transform: resize to 256/224 x size (bicubic), centre crop, normalise;
+    images of 32 px or less: resized to the size when it differs."""
+    steps: list = [_ResizeSmall(img_size)] if img_size <= 32 else []
     if img_size > 32:
         steps += [transforms.Resize(int(256 / 224 * img_size),
                                     interpolation=transforms.InterpolationMode.BICUBIC),

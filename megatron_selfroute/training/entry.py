@@ -21,6 +21,21 @@ def _is_comm_failure(e: BaseException) -> bool:
                             "broken pipe"))
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of an error, without the worker traceback a DataLoader re-raise embeds
+    ("Caught DataReadError in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        name = type(e).__name__ + ": "
+        return last[len(name):] if last.startswith(name) else last
+    return text
+
+
+def _loader_worker_died(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
+
+
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Entry-point wrapper: one-line errors (no traceback unless --debug), clean shutdown.
 
@@ -35,9 +50,16 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         if debug:
             raise
         rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
-        print(f"error: {rank}{e}", file=sys.stderr, flush=True)
+        print(f"error: {rank}{_one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
     except Exception as e:
+        if _loader_worker_died(e) and not debug:
+            rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+            first = str(e).strip().splitlines()[0]
+            print(f"error: {rank}{first} (a data loader worker died: killed, out of memory, or "
+                  "a bus error reading the data; resume with --load)", file=sys.stderr,
+                  flush=True)
+            os._exit(1)  # the dead worker's siblings and queues must not hold the exit
         if not _is_comm_failure(e):
             raise
         if debug:

@@ -202,3 +202,54 @@ def test_padded_evaluation_gives_exact_means(image_root):
     assert sums["top5"] == pytest.approx(100.0)
     # a fixed shuffled order: every class appears among the first images
     assert len({ds[i]["label"] for i in range(8)}) >= 3
+
+
+def test_small_images_of_another_size_are_resized():
+    """Images of 32 px or less whose size differs from --img-size are resized (bicubic) in
+    training and evaluation; same-size images are untouched (eval = ToTensor + Normalize)."""
+    rng = np.random.default_rng(1)
+    train = vision.train_transform(32, "rand-m9-mstd0.5-inc1", 0.25)
+    ev = vision.eval_transform(32)
+    for w, h in ((20, 20), (40, 28), (8, 32)):
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        assert train(img).shape == (3, 32, 32) and ev(img).shape == (3, 32, 32)
+    same = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    want = (torch.tensor(same).permute(2, 0, 1).float() / 255
+            - torch.tensor(vision.IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(
+                vision.IMAGENET_DEFAULT_STD)[:, None, None]
+    torch.testing.assert_close(ev(Image.fromarray(same)), want)
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():
+    """DeiT's `...-inc1` policy asks posterize to keep 0 bits at magnitude 10, which Pillow 13
+    refuses; after the DeiT transform is built the op returns the all-black image (old Pillow's
+    result) and keeps other bit counts as Pillow computes them."""
+    from PIL import ImageOps
+    from timm.data.auto_augment import AugmentOp
+
+    vision.train_transform(32, "rand-m9-mstd0.5-inc1", 0.25)
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    with pytest.raises(ValueError):
+        ImageOps.posterize(img, 0)  # the library behaviour that made the loader crash
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    assert not np.asarray(op(img)).any()
+    op2 = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)  # keeps 4 - 2 = 2 bits
+    np.testing.assert_array_equal(np.asarray(op2(img)), np.asarray(ImageOps.posterize(img, 2)))
+
+
+def test_vit_trains_and_evaluates_on_images_of_another_small_size(tmp_path):
+    """pretrain_vit.py --img-size 32 on 20 px images: trains and evaluates (it died with a
+    tensor-shape error at evaluation before)."""
+    from tests.vision.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "img", per_class=2, val_per_class=1)
+    for f in root.rglob("*.png"):
+        Image.open(f).resize((20, 20)).save(f)
+    r = subprocess.run(
+        [sys.executable, "pretrain_vit.py", "--data-path", str(root), "--img-size", "32",
+         "--patch-size", "8", "--num-layers", "2", "--hidden-size", "16",
+         "--num-attention-heads", "2", "--batch-size", "4", "--epochs", "1", "--num-workers",
+         "0", "--no-repeated-aug", "--num-experts", "2", "--router-type", "self"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "validation at iteration" in r.stdout
