@@ -200,7 +200,8 @@ class _ResizeSmall:
 
 def train_transform(img_size: int, auto_augment: Optional[str], re_prob: float) -> Callable:
     """DeiT's training transform (timm): random-resized crop (bicubic), flip, RandAugment,
-    normalise, random erasing (pixel mode); images of 32 px or less: resized to the size when it differs, random crop with padding 4."""
+    normalise, random erasing (pixel mode); images of 32 px or less: resized to the size when
+    it differs, then a random crop with padding 4."""
     aa = None if not auto_augment or auto_augment.lower() == "none" else auto_augment
     _patch_timm_posterize()
     t = create_transform(img_size, is_training=True, color_jitter=0.3, auto_augment=aa,
