@@ -57,16 +57,25 @@ def write_tokenizer(cfg: Config, out_dir: str) -> Optional[str]:
         return None
     if d.tokenizer_type != "GPT2BPETokenizer" or d.tokenizer_model:
         return f"no tokenizer files written (tokenizer {d.tokenizer_type} is not exportable)"
+    import tempfile
+
     from megatron_selfroute.data.tokenizer import GPT2_MERGE_FILE, GPT2_VOCAB_FILE
 
-    shutil.copyfile(d.vocab_file or GPT2_VOCAB_FILE, os.path.join(out_dir, "vocab.json"))
-    shutil.copyfile(d.merge_file or GPT2_MERGE_FILE, os.path.join(out_dir, "merges.txt"))
     special = "<|endoftext|>"
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.model.positions,
-                   "bos_token": special, "eos_token": special, "unk_token": special,
-                   "add_prefix_space": False}, f, indent=1)
-    AutoTokenizer.from_pretrained(out_dir).save_pretrained(out_dir)  # adds tokenizer.json
+    # The tokenizer is built in a directory of its own and saved into out_dir: reading out_dir
+    # back would meet its remote-code config.json and make transformers ask "Do you wish to run
+    # the custom code? [y/N]" (a converter must never prompt).
+    with tempfile.TemporaryDirectory() as tmp:
+        for src, name in ((d.vocab_file or GPT2_VOCAB_FILE, "vocab.json"),
+                          (d.merge_file or GPT2_MERGE_FILE, "merges.txt")):
+            shutil.copyfile(src, os.path.join(tmp, name))
+            shutil.copyfile(src, os.path.join(out_dir, name))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "GPT2Tokenizer",
+                       "model_max_length": cfg.model.positions, "bos_token": special,
+                       "eos_token": special, "unk_token": special, "add_prefix_space": False},
+                      f, indent=1)
+        AutoTokenizer.from_pretrained(tmp).save_pretrained(out_dir)  # adds tokenizer.json
     return None
 
 

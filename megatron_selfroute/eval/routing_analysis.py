@@ -28,12 +28,20 @@ from megatron_selfroute.moe.stats import expert_fractions, routing_metrics
 
 
 def token_windows(prefix: str, num_tokens: int, window: int) -> Iterator[np.ndarray]:
-    """The first `num_tokens` tokens of the dataset in windows of `window` tokens."""
+    """The first `num_tokens` tokens of the dataset in windows of `window` tokens; the dataset
+    is opened and checked at once (not at the first window), so a bad --data-path fails before
+    any progress bar starts."""
+    if not IndexedDataset.exists(prefix):
+        raise ValueError(f"--data-path {prefix}: no token dataset ({prefix}.idx/.bin not found)")
     data = IndexedDataset(prefix)
     available = int(data.sequence_lengths.sum())
     if available < num_tokens:
         raise ValueError(f"--data-path {prefix} holds only {available} tokens, fewer than "
                          f"--tokens {num_tokens}")
+    return _windows(data, num_tokens, window)
+
+
+def _windows(data: IndexedDataset, num_tokens: int, window: int) -> Iterator[np.ndarray]:
     pending, left = np.empty(0, dtype=np.int64), num_tokens
     for i in range(len(data)):
         if left == 0:
@@ -60,6 +68,7 @@ def count_routes(model: GPTModel, prefix: str, num_tokens: int, batch_size: int 
     device = next(model.parameters()).device
     window = model.cfg.model.seq_length
     counts = dropped = None
+    windows = token_windows(prefix, num_tokens, window)  # checked before the bar starts
     bar = tqdm(total=num_tokens, unit="tok", disable=not progress, desc="routing")
     batch: list[np.ndarray] = []
     seen = 0
@@ -80,7 +89,7 @@ def count_routes(model: GPTModel, prefix: str, num_tokens: int, batch_size: int 
         seen += ids.numel()
         bar.update(ids.numel())
 
-    for rows in token_windows(prefix, num_tokens, window):
+    for rows in windows:
         if batch and rows.size != batch[0].size:  # the short last window goes alone
             run(batch)
             batch = []

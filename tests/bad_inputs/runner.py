@@ -38,6 +38,21 @@ def _tool(name: str):
     return mod
 
 
+def _tool_main(name: str):
+    """tools/<name>.py's main (loaded once, on first call)."""
+    def call(argv):
+        path = REPO / "tools" / f"{name}.py"
+        key = "tool_" + name.replace("/", "_")
+        if key not in sys.modules:
+            spec = importlib.util.spec_from_file_location(key, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[key] = mod
+            spec.loader.exec_module(mod)
+        sys.modules[key].main(argv)
+
+    return call
+
+
 def _pretrain(argv):
     import pretrain_gpt
     from megatron_selfroute.training.loop import run_main
@@ -99,9 +114,14 @@ def build_cases(work: Path) -> dict:
     run(_pretrain, TINY + MOCK + ["--save", str(ckpt), "--router-type", "self"])
     tag = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
 
-    def ck_copy(name, mutate):
+    def ck_copy(name, mutate, manifest=True):
+        """A copy of the checkpoint, mutated; manifest=False drops its manifest first (as in a
+        checkpoint written before manifests, or one whose manifest was rewritten to match), so
+        the deeper checks behind verification are what is tested."""
         dst = work / name
         shutil.copytree(ckpt, dst)
+        if not manifest:
+            (dst / tag / "manifest.json").unlink()
         mutate(dst / tag)
         return dst
 
@@ -117,16 +137,29 @@ def build_cases(work: Path) -> dict:
     missing_expert = ck_copy("ck_missing_expert", lambda d: (
         d / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink())
     corrupt = ck_copy("ck_corrupt", lambda d: (d / "mp_rank_00_model_states.pt").write_bytes(
-        b"\x00garbage" * 10))
-    malicious = ck_copy("ck_malicious", evil)
+        b"\x00garbage" * 10), manifest=False)
+    malicious = ck_copy("ck_malicious", evil, manifest=False)
 
     def layout(d):
         state = json.loads((d / "run_state.json").read_text())
         state["config"]["parallel"]["expert_model_parallel_size"] = 2
         (d / "run_state.json").write_text(json.dumps(state))
 
-    wrong_layout = ck_copy("ck_layout", layout)
-    no_state = ck_copy("ck_not_ckpt", lambda d: (d / "run_state.json").unlink())
+    wrong_layout = ck_copy("ck_layout", layout, manifest=False)
+
+    def flip(d):
+        f = d / "layer_1_expert_2_mp_rank_00_model_states.pt"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+
+    flipped = ck_copy("ck_flipped", flip)
+    short = ck_copy("ck_short", lambda d: os.truncate(d / "mp_rank_00_model_states.pt", 1000))
+    leased = ck_copy("ck_leased", lambda d: (d.parent / "save_lease.json").write_text(json.dumps(
+        {"host": "gpu-node-042", "pid": 31337, "job_id": "SLURM_JOB_ID=4242",
+         "started": __import__("time").time() - 60, "heartbeat": __import__("time").time(),
+         "token": "someone-else"})))
+    no_state = ck_copy("ck_not_ckpt", lambda d: (d / "run_state.json").unlink(), manifest=False)
     dangling = work / "ck_dangling"
     dangling.mkdir()
     (dangling / "latest_checkpointed_iteration.txt").write_text("iter_0000099\n")
@@ -182,6 +215,14 @@ def build_cases(work: Path) -> dict:
         "self_dims_overflow": (pretrain, t + m + ["--num-experts", "64"] + save, guard),
         "no_data": (pretrain, t + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "127"]
                     + save, guard),
+        "train_iters_zero": (pretrain, t + m + ["--train-iters", "0"] + save, guard),
+        "lr_nan": (pretrain, t + m + ["--lr", "nan"] + save, guard),
+        "lr_negative": (pretrain, t + m + ["--lr=-1e-3"] + save, guard),
+        "adam_beta_one": (pretrain, t + m + ["--adam-beta2", "1.0"] + save, guard),
+        "keep_last_zero": (pretrain, t + m + ["--keep-last", "0"] + save, guard),
+        "lease_timeout_negative": (pretrain, t + m + ["--save-lease-timeout", "-5"] + save,
+                                   guard),
+        "log_interval_zero": (pretrain, t + m + ["--log-interval", "0"] + save, guard),
         # data
         "missing_prefix": (pretrain, t + ["--data-path", str(work / "nope")] + data[2:] + save,
                            guard),
@@ -203,6 +244,17 @@ def build_cases(work: Path) -> dict:
         "layout_mismatch": (pretrain, t + m + ["--load", str(wrong_layout)] + save, guard),
         "not_a_checkpoint": (pretrain, t + m + ["--load", str(no_state)] + save, guard),
         "dangling_pointer": (pretrain, t + m + ["--load", str(dangling)] + save, guard),
+        "flipped_byte": (pretrain, t + m + ["--load", str(flipped)] + save, guard),
+        "truncated_checkpoint": (pretrain, t + m + ["--load", str(short)] + save, guard),
+        "save_dir_leased": (pretrain, t + m + ["--save", str(leased)], leased),
+        "verify_not_a_checkpoint": (_tool_main("checkpoint/verify"), [str(work / "notdir")],
+                                    None),
+        "convert_flipped_byte": (_tool_main("checkpoint/convert"), [
+            "--input", str(flipped), "--output", str(work / "conv_out"), "--to",
+            "consolidated"], flipped),
+        "analyze_missing_data": (_tool_main("analyze_routing"), [
+            "--load", str(ckpt), "--data-path", str(work / "no_such_prefix"), "--output-dir",
+            str(work / "routing_out"), "--tokens", "64"], guard),
         # tokenizer files
         "vocab_file_missing": (pretrain, t + data[:2] + ["--vocab-file", str(work / "nope.json"),
                                                          "--merge-file", str(work / "m")] + save,

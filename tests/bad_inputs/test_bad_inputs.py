@@ -22,6 +22,20 @@ NEEDLES = {
     "top1_no_presoftmax": "--moe-router-pre-softmax",
     "self_dims_overflow": "--num-experts 64 <= --hidden-size 32",
     "no_data": "--data-path is required",
+    "train_iters_zero": "--train-iters must be >= 1, got 0",
+    "lr_nan": "--lr must be a finite number >= 0, got nan",
+    "lr_negative": "--lr must be a finite number >= 0, got -0.001",
+    "adam_beta_one": "--adam-beta2 must be in [0, 1), got 1.0",
+    "keep_last_zero": "--keep-last must be >= 1, got 0",
+    "lease_timeout_negative": "--save-lease-timeout must be a finite number >= 0, got -5.0",
+    "log_interval_zero": "--log-interval must be >= 1, got 0",
+    "flipped_byte": "layer_1_expert_2_mp_rank_00_model_states.pt: checksum mismatch in bytes",
+    "truncated_checkpoint": "mp_rank_00_model_states.pt: truncated: 1000 bytes, the manifest says",
+    "save_dir_leased": "is in use by another run (host gpu-node-042 pid 31337, job "
+                       "SLURM_JOB_ID=4242",
+    "verify_not_a_checkpoint": "notdir: not a directory",
+    "convert_flipped_byte": "layer_1_expert_2_mp_rank_00_model_states.pt: checksum mismatch",
+    "analyze_missing_data": "--data-path",
     "missing_prefix": "nope.idx",
     "truncated_bin": "trunc.bin: truncated",
     "corrupt_idx": "badidx.idx: not an MMIDIDX index file",
@@ -76,6 +90,11 @@ def test_one_clear_line(report, case):
     assert NEEDLES[case] in err_lines[0], err_lines[0]
     assert "Traceback" not in res["stderr"]
     assert res.get("guard_intact", True), "an existing output was modified"
+
+
+def test_analyze_routing_fails_before_its_progress_bar(report):
+    err = report["analyze_missing_data"]["stderr"]
+    assert "no token dataset" in err and "%|" not in err and "routing:" not in err, err
 
 
 def test_malicious_payload_never_ran(report):

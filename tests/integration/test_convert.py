@@ -291,3 +291,25 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, message in cases:
         code, _, err = run_main("checkpoint/convert.py", *args)
         assert code == 1 and message in err and err.strip().count("\n") == 0, err
+
+
+def test_hf_export_of_moe_never_prompts_and_keeps_the_tokenizer(tmp_path):
+    """convert.py --to hf of an MoE model at an open stdin: no "Do you wish to run the custom
+    code?" prompt (it used to re-read the export directory's remote-code config); the exported
+    tokenizer encodes like the project's GPT-2 BPE."""
+    from transformers import AutoTokenizer
+
+    from megatron_selfroute.data.tokenizer import build_tokenizer
+
+    cfg = tiny_config("self", vocab=50257)
+    cfg.data.tokenizer_type = "GPT2BPETokenizer"
+    ckpt = save_model(random_model(cfg, seed=0), tmp_path / "c")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools/checkpoint/convert.py"), "--input", str(ckpt),
+         "--output", str(tmp_path / "hf"), "--to", "hf"], cwd=ROOT, stdin=subprocess.PIPE,
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "custom code" not in proc.stdout + proc.stderr
+    text = "Hello world, the self-routing MoE.\nSecond line"
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert hf_tok(text)["input_ids"] == build_tokenizer("GPT2BPETokenizer").tokenize(text)
