@@ -212,12 +212,18 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     run's `ParallelLayout`); otherwise the layout of `world_size` processes is validated too.
     """
     m, tr = cfg.model, cfg.train
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "ffn_hidden_size", "max_position_embeddings"):
+        value = getattr(m, name)
+        if value is not None and value < 1:  # 0 must not fall back to a default
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")
     if m.hidden_size % m.num_attention_heads != 0:
         raise ConfigError(f"--num-attention-heads {m.num_attention_heads} does not divide "
                           f"--hidden-size {m.hidden_size}")
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(m, name)}")
+    for name in ("layernorm_epsilon", "init_method_std"):
+        value = getattr(m, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{_flag(name)} must be a finite number > 0, got {value}")
     if m.positions < m.seq_length:
         raise ConfigError(f"--max-position-embeddings {m.positions} < --seq-length {m.seq_length}")
     for name in ("hidden_dropout", "attention_dropout"):
@@ -253,7 +259,7 @@ def _validate_numbers(cfg: Config) -> None:
     refused wherever a finite number is meant)."""
     tr, d = cfg.train, cfg.data
     at_least = {"train_iters": 1, "train_samples": 1, "log_interval": 1, "eval_interval": 1,
-                "eval_iters": 0, "save_interval": 1, "keep_last": 1, "exit_interval": 1,
+                "eval_iters": 1, "save_interval": 1, "keep_last": 1, "exit_interval": 1,
                 "lr_warmup_iters": 0, "lr_decay_iters": 1, "skip_nan_steps": 0}
     for name, low in at_least.items():
         value = getattr(tr, name)
@@ -261,6 +267,8 @@ def _validate_numbers(cfg: Config) -> None:
             raise ConfigError(f"{_flag(name)} must be >= {low}, got {value}")
     if d.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {d.num_workers}")
+    if len(d.split.replace("/", ",").split(",")) > 3:
+        raise ConfigError(f"--split {d.split}: at most three weights (train,valid,test)")
     finite_min = {"lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "clip_grad": 0.0,
                   "save_lease_timeout": 0.0, "exit_duration_in_mins": 0.0}
     for name, low in finite_min.items():
@@ -283,6 +291,12 @@ def _validate_moe(cfg: Config) -> None:
         raise ConfigError(f"--router-type {moe.router_type!r} is unknown; choose one of "
                           f"{', '.join(ROUTERS)}")
     shared = moe.moe_shared_expert_intermediate_size
+    for name in ("num_experts", "moe_ffn_hidden_size"):
+        value = getattr(moe, name)
+        if value is not None and value < 1:  # 0 must not mean "dense" or "the default"
+            omit = "a dense model" if name == "num_experts" else "the default"
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {value} (omit {_flag(name)} "
+                              f"for {omit})")
     if not moe.is_moe:
         if par.expert_model_parallel_size != 1:
             raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
@@ -309,8 +323,9 @@ def _validate_moe(cfg: Config) -> None:
         raise ConfigError(f"--moe-expert-capacity-factor must be > 0, got "
                           f"{moe.moe_expert_capacity_factor}")
     for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
-        if getattr(moe, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(moe, name)}")
+        value = getattr(moe, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
     ep = par.expert_model_parallel_size
     if ep < 1 or n % ep != 0:
         raise ConfigError(f"--num-experts {n} is not divisible by --expert-model-parallel-size "

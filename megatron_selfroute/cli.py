@@ -23,3 +23,32 @@ def one_line_errors(debug: bool, errors: tuple = (ValueError, OSError)) -> Itera
             raise
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """Refuse a device string torch cannot parse, or a CUDA device on a machine without one."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {device}: no CUDA device is available here (use {flag} cpu)")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file to be written at the end of a long job: checked before the work starts."""
+    import os
+
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory (give a file name)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable")

@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
+        from megatron_selfroute.cli import check_device
         from megatron_selfroute.eval.routing_analysis import (
             analyze,
             format_averages,
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.tokens < 1:
             raise ValueError(f"--tokens {args.tokens} must be positive")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_device(args.device)
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            raise ValueError(f"--output-dir {args.output_dir} is a file, not a directory")
         results = analyze(args.load, args.data_path, args.tokens, args.labels, args.batch_size,
                           args.device, progress=not args.no_progress)
         paths = write_outputs(results, args.output_dir)

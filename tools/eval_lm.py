@@ -63,6 +63,21 @@ def main(argv: list[str] | None = None) -> None:
     if limit is not None and limit >= 1:
         limit = int(limit)
     with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
+        import math
+        import os
+
+        from megatron_selfroute.cli import check_device, check_output_file
+
+        if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+            raise ValueError(f"--limit must be > 0 (a count, or a fraction below 1), got "
+                             f"{args.limit}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.include_path is not None and not os.path.isdir(args.include_path):
+            raise ValueError(f"--include-path {args.include_path}: not a directory")
+        check_device(args.device)
+        if args.output:
+            check_output_file(args.output, "--output")
         from megatron_selfroute.eval.lm_eval_adapter import MegatronSelfRouteLM
         from megatron_selfroute.eval.lm_eval_report import (
             evaluate,

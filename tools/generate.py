@@ -38,19 +38,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> str:
     """The prompt followed by its sampled continuation."""
+    import math
+
     import torch
 
     from megatron_selfroute.checkpoint.consolidated import load_model
+    from megatron_selfroute.cli import check_device
     from megatron_selfroute.data.tokenizer import build_tokenizer
     from megatron_selfroute.eval.generation import generate
 
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ValueError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # also refuses nan
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_device(args.device)
     model, cfg = load_model(args.load, args.device)
     d = cfg.data
     tok = build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file, d.tokenizer_model,
                           cfg.model.vocab_size)
-    ids = tok.tokenize(args.prompt)
+    try:
+        ids = tok.tokenize(args.prompt)
+    except ValueError as e:
+        raise ValueError(f"--prompt {args.prompt!r} cannot be encoded by the checkpoint's "
+                         f"{d.tokenizer_type} ({e})") from None
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
     generator = torch.Generator().manual_seed(args.seed)

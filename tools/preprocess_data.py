@@ -100,6 +100,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    if args.log_interval < 1:
+        p.error("--log-interval must be >= 1")
     if args.hf_val_size is not None and not 0 < args.hf_val_size < 1:
         p.error("--hf-val-size must be in (0, 1)")
     return args

@@ -123,7 +123,7 @@ def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
     with open(os.path.join(tag_dir, RUN_STATE), "w") as f:
         json.dump({"iteration": iteration,
                    "consumed_train_samples": int(meta.get("consumed_train_samples", 0)),
-                   "world_size": world_size, "model_family": family,
+                   "world_size": world_size, "model_family": family, "weights_only": True,
                    "shape_config": shape_config or {}, "config": cfg.to_dict()}, f, indent=1)
     manifest.write(tag_dir, manifest.entries(tag_dir, manifest.listed_files(tag_dir)))
     write_pointer(out_dir, tag)

@@ -244,6 +244,29 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
             "tools/checkpoint/convert.py")
 
 
+def _refuse_other_kinds(load_dir: str) -> None:
+    """A --load path without a pointer file starts from scratch (Megatron's behaviour) only
+    when it holds no checkpoint of another kind: those are errors, not silent fresh starts."""
+    flag = f"--load {load_dir}"
+    if os.path.isfile(load_dir):
+        raise CheckpointError(f"{flag} is a file; pass the --save directory of a training run")
+    if not os.path.isdir(load_dir):
+        return
+    if os.path.isfile(os.path.join(load_dir, RUN_STATE)):
+        raise CheckpointError(f"{flag} is one checkpoint (tag) directory; pass its parent "
+                              f"{os.path.dirname(os.path.abspath(load_dir))} (the --save "
+                              "directory, whose pointer file names it)")
+    if any(os.path.isfile(os.path.join(load_dir, n)) for n in
+           ("model.safetensors", "model.safetensors.index.json", "config.json")):
+        raise CheckpointError(f"{flag} is a consolidated or Hugging Face checkpoint; convert it "
+                              "with tools/checkpoint/convert.py --to deepspeed and --load the "
+                              "output with --no-load-optim")
+    tags = checkpoint_tags(load_dir)
+    if tags:
+        raise CheckpointError(f"{flag} holds {', '.join(tags[-3:])} but no {POINTER}; write the "
+                              "tag to resume from into it")
+
+
 def verify_shared(tag_dir: str, layout: ParallelLayout) -> Optional[str]:
     """Verify `tag_dir` against its manifest, each rank a share of the files; every rank gets
     the same answer: None (verified, or no manifest: an older checkpoint) or the first
@@ -293,6 +316,7 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
     """Restore model, optimizer, RNG and position; None when `load_dir` holds no checkpoint."""
     tag = read_pointer(load_dir)
     if tag is None:
+        _refuse_other_kinds(load_dir)
         return None
     tag = choose_verified(load_dir, tag, layout, cfg.train.load_fallback)
     path = os.path.join(load_dir, tag)
@@ -316,6 +340,10 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
         raise CheckpointError(f"{path} was saved by {run_state['world_size']} processes, this run "
                               f"has {world}; pass --no-load-optim or --finetune to load weights "
                               "only")
+    if not module_only and (run_state.get("weights_only") or not any(
+            n.endswith("optim_states.pt") for n in os.listdir(path))):
+        raise CheckpointError(f"{path} has no optimizer states (a converted checkpoint holds "
+                              "weights only); add --no-load-optim (or --finetune)")
     try:
         load_path, _ = engine.load_checkpoint(load_dir, tag=tag,
                                               load_optimizer_states=not module_only,
@@ -323,9 +351,12 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
                                               load_module_only=module_only)
     except CheckpointLoadError:
         raise
-    except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as e:
+    except (OSError, RuntimeError, KeyError, ValueError, AssertionError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first})") from None
+        hint = ("; a checkpoint without optimizer state (converted)? add --no-load-optim"
+                if isinstance(e, AttributeError) and not module_only else "")
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first}){hint}"
+                              ) from None
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no model states")
     if tr.finetune:

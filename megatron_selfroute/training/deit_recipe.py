@@ -24,6 +24,12 @@ def resolve_model(cfg: Config, ns: argparse.Namespace) -> ViTConfig:
     """Preset, DeiT block details, MoE "every 2" placement and DeiT optimizer defaults, for
     every field not given explicitly; returns the image-specific config."""
     v: VisionConfig = ns.vision
+    for name in ("img_size", "patch_size", "batch_size", "epochs"):
+        value = getattr(v, name)
+        if value is not None and value < 1:  # 0 must not fall back to the default
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not (math.isfinite(v.warmup_epochs) and v.warmup_epochs >= 0):
+        raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {v.warmup_epochs}")
     preset = DEIT_PRESETS[v.model] if v.model else {}
     vit = ViTConfig(img_size=v.img_size or preset.get("img_size", 224),
                     patch_size=v.patch_size or preset.get("patch_size", 16),

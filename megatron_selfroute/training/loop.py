@@ -119,6 +119,35 @@ def _check_writable(path: Optional[str], flag: str) -> None:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror})") from None
 
 
+def _check_save_is_ours(cfg: Config) -> None:
+    """--save holding another run's checkpoints (no --load of it) would be overwritten."""
+    tr = cfg.train
+    if not tr.save or (tr.load and os.path.realpath(tr.load) == os.path.realpath(tr.save)):
+        return
+    try:
+        tag = checkpointing.read_pointer(tr.save)
+    except checkpointing.CheckpointError:
+        tag = "an unreadable pointer"
+    if tag is not None:
+        raise ConfigError(f"--save {tr.save} already holds checkpoints of a run (its pointer "
+                          f"names {tag}); resume it with --load {tr.save}, or choose a new --save "
+                          "directory")
+
+
+def _next_batch(loader, iteration: int):
+    """The next batch; a loader whose worker died (killed, out of memory, a bus error reading
+    the data) surfaces as a RuntimeError or a broken pipe: one line instead of a traceback."""
+    try:
+        return next(loader)
+    except (StopIteration, ValueError):  # ValueError: data errors that already name the culprit
+        raise
+    except (RuntimeError, OSError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"the data loader failed at iteration {iteration}: {first} (a data "
+                            "loader worker died: killed, out of memory, or a bus error reading "
+                            "the data; resume with --load)") from None
+
+
 def _take_outputs(cfg: Config, layout: ParallelLayout) -> Optional[SaveLease]:
     """Rank 0 checks the output directories and takes the lease on --save; every rank gets the
     verdict (one line on every rank, before any model is built)."""
@@ -128,6 +157,12 @@ def _take_outputs(cfg: Config, layout: ParallelLayout) -> Optional[SaveLease]:
         try:
             _check_writable(tr.save, "--save")
             _check_writable(tr.tensorboard_dir, "--tensorboard-dir")
+            if tr.run_summary:
+                _check_writable(os.path.dirname(os.path.abspath(tr.run_summary)),
+                                "--run-summary's directory")
+                if os.path.isdir(tr.run_summary):
+                    raise ConfigError(f"--run-summary {tr.run_summary} is a directory (give a "
+                                      "file name)")
             if tr.save and tr.save_lease_timeout:
                 lease = SaveLease(tr.save, tr.save_lease_timeout).acquire()
                 if lease.took_over:
@@ -292,6 +327,7 @@ class Trainer:
         if train_ds is None:
             raise ConfigError(f"--split {cfg.data.split} leaves no training data in "
                               f"--data-path {' '.join(cfg.data.data_path)}")
+        _check_save_is_ours(cfg)
         if task.init_from_data is not None and not state.weights_loaded:
             task.init_from_data(engine.module, train_ds)
         make_loader = task.make_train_loader or (
@@ -330,7 +366,7 @@ class Trainer:
         for micro in range(self.accum):
             last = micro == self.accum - 1
             with timers("data", 1):
-                raw = next(self.loader)
+                raw = _next_batch(self.loader, it + 1)
                 if self.summary is not None:
                     self.summary.note_batch(it + 1, raw.get("tokens", raw.get("sample_index")))
                 batch = _to_device(self.task, engine, raw)

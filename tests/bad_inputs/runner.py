@@ -193,8 +193,13 @@ def build_cases(work: Path) -> dict:
     broken.write_bytes(b"not a png")
     vit_out = work / "vit_out"
     vit_out.mkdir()
-    (vit_out / "latest_checkpointed_iteration.txt").write_text("iter_0000007\n")
+    (vit_out / "notes.txt").write_text("an existing output\n")
 
+    convert = _tool_main("checkpoint/convert")
+    run(convert, ["--input", str(ckpt), "--output", str(work / "consolidated"), "--to",
+                  "consolidated"])
+    run(convert, ["--input", str(ckpt), "--output", str(work / "ds_converted"), "--to",
+                  "deepspeed"])
     pretrain, pre = _pretrain, _tool("preprocess_data").main
     t, m = TINY, MOCK
     guard = ckpt
@@ -223,13 +228,30 @@ def build_cases(work: Path) -> dict:
         "lease_timeout_negative": (pretrain, t + m + ["--save-lease-timeout", "-5"] + save,
                                    guard),
         "log_interval_zero": (pretrain, t + m + ["--log-interval", "0"] + save, guard),
+        "eval_iters_zero": (pretrain, t + m + ["--eval-iters", "0"] + save, guard),
+        "heads_zero": (pretrain, t + m + ["--num-attention-heads", "0"] + save, guard),
+        "ffn_zero": (pretrain, t + m + ["--ffn-hidden-size", "0"] + save, guard),
+        "experts_zero": (pretrain, t + m + ["--num-experts", "0"] + save, guard),
+        "split_four_parts": (pretrain, t + data + ["--split", "90,5,3,2"] + save, guard),
+        "aux_coeff_nan": (pretrain, t + m + ["--moe-aux-loss-coeff", "nan"] + save, guard),
+        "layernorm_eps_nan": (pretrain, t + m + ["--layernorm-epsilon", "nan"] + save, guard),
+        "save_holds_another_run": (pretrain, t + m + save, guard),
+        "load_tag_dir": (pretrain, t + m + ["--load", str(ckpt / tag)] + save, guard),
+        "load_consolidated": (pretrain, t + m + ["--load", str(work / "consolidated")] + save,
+                              guard),
+        "load_a_file": (pretrain, t + m + ["--load", good + ".bin"] + save, guard),
+        "load_converted_with_optim": (pretrain, t + m + ["--load", str(work / "ds_converted")]
+                                      + save, guard),
+        "run_summary_unwritable": (pretrain, t + m + ["--run-summary",
+                                                      str(work / "notdir" / "s.json")], None),
         # data
         "missing_prefix": (pretrain, t + ["--data-path", str(work / "nope")] + data[2:] + save,
                            guard),
         "truncated_bin": (pretrain, t + ["--data-path", trunc] + data[2:] + save, guard),
         "corrupt_idx": (pretrain, t + ["--data-path", badidx] + data[2:] + save, guard),
         "empty_dataset": (pretrain, t + ["--data-path", empty] + data[2:] + save, guard),
-        "ids_beyond_vocab": (pretrain, t + ["--data-path", big_ids] + data[2:] + save, guard),
+        "ids_beyond_vocab": (pretrain, t + ["--data-path", big_ids] + data[2:] + [
+            "--save", str(work / "ids_out")], guard),
         "split_too_small": (pretrain, t + ["--data-path", few, "--tokenizer-type",
                                            "NullTokenizer", "--vocab-size", "127", "--split",
                                            "1,0,99"] + save, guard),
@@ -286,7 +308,26 @@ def build_cases(work: Path) -> dict:
             "1", "--hidden-size", "16", "--num-attention-heads", "2", "--batch-size", "12",
             "--epochs", "1", "--num-workers", "0", "--no-repeated-aug", "--save",
             str(vit_out)], vit_out),
+        "vit_batch_zero": (_pretrain_vit, ["--data-path", str(images), "--batch-size", "0"],
+                           None),
+        "vit_img_zero": (_pretrain_vit, ["--data-path", str(images), "--img-size", "0"], None),
+        "vit_epochs_zero": (_pretrain_vit, ["--data-path", str(images), "--epochs", "0"], None),
+        # tools
+        "generate_temperature_nan": (_tool_main("generate"), [
+            "--load", str(ckpt), "--prompt", "1 2", "--temperature", "nan"], guard),
+        "eval_output_is_dir": (_tool_main("eval_lm"), [
+            "--load", str(ckpt), "--output", str(work)], guard),
+        "analyze_bad_device": (_tool_main("analyze_routing"), [
+            "--load", str(ckpt), "--data-path", good, "--output-dir", str(work / "ar_out"),
+            "--device", "bogus"], guard),
+        "convert_world_size_zero": (convert, [
+            "--input", str(ckpt), "--output", str(work / "ws0"), "--to", "deepspeed",
+            "--world-size", "0"], guard),
         # preprocessing
+        "preprocess_log_interval_zero": (pre, ["--input", str(work / "nokey.jsonl"),
+                                               "--output-prefix", str(pre_out / "keep"),
+                                               "--tokenizer-type", "GPT2BPETokenizer",
+                                               "--log-interval", "0"], pre_out),
         "preprocess_bad_json": (pre, ["--input", str(work / "docs.jsonl"), "--output-prefix",
                                       str(pre_out / "keep"), "--tokenizer-type",
                                       "GPT2BPETokenizer"], pre_out),

@@ -70,4 +70,4 @@ def test_killed_loader_worker_ends_the_job(corpus, tmp_path):
     for w in workers:
         os.kill(w.pid, signal.SIGKILL)
     line = finish(p)
-    assert "DataLoader worker" in line and "a data loader worker died" in line, line
+    assert "a data loader worker died" in line, line

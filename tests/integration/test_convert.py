@@ -280,7 +280,7 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "full" / "x").write_text("")
     cases = [
         (["--input", str(tmp_path / "c"), "--output", str(tmp_path / "full"), "--to", "hf"],
-         "not an empty directory"),
+         "exists and is not empty"),
         (["--input", str(tmp_path / "rand"), "--output", str(tmp_path / "o1"), "--to", "hf"],
          "router type 'random' cannot be exported"),
         (["--input", str(tmp_path / "c"), "--output", str(tmp_path / "o2"), "--to", "deepspeed",
@@ -291,6 +291,9 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, message in cases:
         code, _, err = run_main("checkpoint/convert.py", *args)
         assert code == 1 and message in err and err.strip().count("\n") == 0, err
+    # a failed conversion leaves nothing behind it created, and keeps what was there
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert (tmp_path / "full" / "x").exists()
 
 
 def test_hf_export_of_moe_never_prompts_and_keeps_the_tokenizer(tmp_path):

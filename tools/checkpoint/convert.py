@@ -54,8 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def convert(args: argparse.Namespace) -> str:
     """Do the conversion; returns a one-line summary."""
-    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
-        raise CheckpointFormatError(f"--output {args.output} exists and is not an empty directory")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise CheckpointFormatError(f"--output {args.output} is a file, not a directory")
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise CheckpointFormatError(f"--output {args.output} exists and is not empty")
+    if args.world_size is not None and args.world_size < 1:
+        raise CheckpointFormatError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.expert_model_parallel_size < 1:
+        raise CheckpointFormatError(f"--expert-model-parallel-size must be >= 1, got "
+                                    f"{args.expert_model_parallel_size}")
     ckpt = load_checkpoint(args.input)
     cfg = ckpt.cfg
     shape = (f"{cfg.moe.num_experts} experts, router {cfg.moe.router_type}" if cfg.moe.is_moe
@@ -88,8 +95,17 @@ def convert(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
-        print(convert(args))
+    existed = os.path.exists(args.output)
+    try:
+        with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
+            print(convert(args))
+    except SystemExit:
+        # a failed conversion leaves no half-written output behind (only what it created)
+        if not existed and os.path.isdir(args.output):
+            import shutil
+
+            shutil.rmtree(args.output, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":
