@@ -14,6 +14,9 @@
 #   SCALE          paper | tiny [paper]; DATA_PATH, OUT_DIR as in settings.sh
 #   MASTER_ADDR    rendezvous host, reachable from every node [127.0.0.1: one machine only]
 #   MASTER_PORT    rendezvous port [29500]; RDZV_ID rendezvous id, same on all nodes [msr-ROW]
+#   MAX_RESTARTS   torchrun --max-restarts: restart every worker after a failure, resuming from
+#                  the latest checkpoint (--load) [0]; tested on one node; on several nodes
+#                  torchrun counts restarts per node, see docs/RELIABILITY.md before raising it
 #   DRY_RUN        1: print the torchrun command instead of running it [0]
 # Extra arguments go to pretrain_gpt.py. Log: OUT_DIR/logs/<row>_node${NODE_RANK}.log (appended).
 # On SIGTERM torchrun forwards the signal to its workers, which save a checkpoint and exit
@@ -35,7 +38,7 @@ CMD=(
   "$(msr_tool torchrun)"
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID"
-  --max-restarts 0
+  --max-restarts "${MAX_RESTARTS:-0}"
   "$MSR_ROOT/pretrain_gpt.py" "${TRAINER_ARGS[@]}"
 )
 cd "$MSR_ROOT"

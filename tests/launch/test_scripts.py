@@ -181,7 +181,10 @@ def test_multinode_scripts_run_the_row_commands(tmp_path):
         f = flags(tr[1:tr.index(next(a for a in tr if a.endswith("pretrain_gpt.py")))])
         assert f["--rdzv-backend"] == "c10d" and f["--rdzv-endpoint"] == "node0:2345"
         assert (f["--nnodes"], f["--node-rank"], f["--nproc-per-node"]) == ("2", "1", "2")
-        assert f["--rdzv-id"] == f"msr-{row}"
+        assert f["--rdzv-id"] == f"msr-{row}" and f["--max-restarts"] == "0"
+        again = dry_run("examples/multinode/torchrun.sh", ROW=row, NNODES=1, MAX_RESTARTS=3,
+                        **knobs)[0]
+        assert again[again.index("--max-restarts") + 1] == "3"
 
         hostfile = tmp_path / "hosts"
         hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
