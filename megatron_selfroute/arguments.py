@@ -213,7 +213,7 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     """
     m, tr = cfg.model, cfg.train
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                 "ffn_hidden_size", "max_position_embeddings"):
+                 "ffn_hidden_size", "max_position_embeddings", "cross_entropy_chunk_size"):
         value = getattr(m, name)
         if value is not None and value < 1:  # 0 must not fall back to a default
             raise ConfigError(f"{_flag(name)} must be >= 1, got {value}")

@@ -91,6 +91,11 @@ class ModelConfig:
     gelu_approximation: str = arg(
         "tanh", "GELU form: tanh (GPT-2) or none (exact erf).", choices=["tanh", "none"]
     )
+    cross_entropy_chunk_size: Optional[int] = arg(
+        None, "Compute the output layer and cross-entropy this many tokens at a time, "
+        "recomputing each chunk's logits in backward, so the full [tokens, vocabulary] logits "
+        "are never held (training and evaluation; default: the plain path)."
+    )
     recompute_activations: bool = arg(
         False, "Recompute each transformer block in the backward pass (saves memory)."
     )

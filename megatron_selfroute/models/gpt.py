@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import Config
+from megatron_selfroute.models.chunked_ce import linear_cross_entropy
 from megatron_selfroute.models.common import (
     build_blocks,
     layout_free_names,
@@ -71,6 +72,7 @@ class GPTModel(nn.Module):
         if not m.untie_embeddings_and_output_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.recompute = m.recompute_activations
+        self.ce_chunk = m.cross_entropy_chunk_size
         if init:
             parallelize_gpt(self, ParallelLayout.single(cfg))
 
@@ -117,6 +119,10 @@ class GPTModel(nn.Module):
                 x, a = block(x, attention_mask, ctx)
             aux = aux + a
         x = self.transformer.ln_f(x)
+        if labels is not None and self.ce_chunk:  # never holds the [tokens, vocab] logits
+            loss = linear_cross_entropy(x.reshape(b * s, -1), self.lm_head.weight,
+                                        labels.reshape(-1), self.vocab_size, self.ce_chunk)
+            return GPTOutput(None, loss.view(b, s), aux)
         logits = self.lm_head(x)[..., : self.vocab_size]
         if labels is None:
             return GPTOutput(logits, None, aux)

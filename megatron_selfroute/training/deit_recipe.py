@@ -30,6 +30,9 @@ def resolve_model(cfg: Config, ns: argparse.Namespace) -> ViTConfig:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (math.isfinite(v.warmup_epochs) and v.warmup_epochs >= 0):
         raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {v.warmup_epochs}")
+    if cfg.model.cross_entropy_chunk_size is not None:
+        raise ConfigError("--cross-entropy-chunk-size is for language models (a ViT's output "
+                          "layer has as many rows as classes)")
     preset = DEIT_PRESETS[v.model] if v.model else {}
     vit = ViTConfig(img_size=v.img_size or preset.get("img_size", 224),
                     patch_size=v.patch_size or preset.get("patch_size", 16),

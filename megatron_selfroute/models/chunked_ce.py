@@ -1,0 +1,77 @@
+"""The output layer and cross-entropy in chunks of tokens, never holding the full logits.
+
+At the paper's setting (sequence 1024 x micro-batch 16, vocabulary 50,304) the plain path's fp32
+logits are 3.3 GB per micro-batch, saved for backward, and as much again for their gradient.
+`linear_cross_entropy` computes, chunk by chunk of `chunk` tokens, the logits of the real
+vocabulary (padded rows are never predicted), their log-sum-exp and each token's loss, and saves
+only the hidden states (saved by the plain path's linear layer too) and one fp32 log-sum-exp per
+token. Backward recomputes each chunk's logits, forms softmax - one-hot scaled by the incoming
+loss gradients, and accumulates the hidden-state and weight gradients (padded weight rows get an
+exact zero, as in the plain path). A plain loop over chunks under autograd would still save every
+chunk's logits: this is a custom `autograd.Function`.
+
+Vocabulary parallelism (issue 20) fits the same shape: each rank holds a slice of the weight's
+rows; the per-chunk max, sum-exp and target logit become all-reduces over the tensor group, the
+rest is unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # F.cross_entropy's default: such labels give loss 0 and no gradient
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int,
+                chunk: int) -> Tensor:
+        n = hidden.shape[0]
+        w = weight[:vocab_size]
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            logits = (hidden[lo:hi] @ w.t()).float()
+            lse[lo:hi] = torch.logsumexp(logits, dim=-1)
+            lab = labels[lo:hi]
+            valid = lab != IGNORE_INDEX
+            target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+            losses[lo:hi] = torch.where(valid, lse[lo:hi] - target, 0.0)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.vocab_size, ctx.chunk = vocab_size, chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        v, chunk = ctx.vocab_size, ctx.chunk
+        w = weight[:v]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_losses = grad_losses.float()
+        for lo in range(0, hidden.shape[0], chunk):
+            hi = min(lo + chunk, hidden.shape[0])
+            h = hidden[lo:hi]
+            probs = torch.exp((h @ w.t()).float() - lse[lo:hi, None])
+            lab = labels[lo:hi]
+            valid = lab != IGNORE_INDEX
+            rows = torch.arange(hi - lo, device=h.device)
+            probs[rows[valid], lab[valid]] -= 1.0
+            g = (probs * (grad_losses[lo:hi] * valid)[:, None]).to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[lo:hi] = g @ w
+            if grad_weight is not None:
+                grad_weight[:v] += g.t() @ h
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: int,
+                         chunk: int) -> Tensor:
+    """Per-token losses [N] (fp32) of `hidden` [N, H] through the output layer `weight`
+    [padded vocab, H] (only its first `vocab_size` rows are predicted) against `labels` [N],
+    `chunk` tokens at a time; equal to
+    `F.cross_entropy((hidden @ weight[:vocab_size].T).float(), labels, reduction="none")`."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _LinearCrossEntropy.apply(hidden, weight, labels, vocab_size, chunk)
