@@ -236,6 +236,9 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     if tr.train_iters is not None and tr.train_samples is not None:
         raise ConfigError("--train-iters and --train-samples are mutually exclusive")
     _validate_numbers(cfg)
+    from megatron_selfroute.models.recompute import resolve as resolve_recompute
+
+    resolve_recompute(m)  # the recompute flags' contradictions, named
     d = cfg.data
     split_paths = [n for n in ("train_data_path", "valid_data_path", "test_data_path")
                    if getattr(d, n)]

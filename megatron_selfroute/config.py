@@ -97,8 +97,23 @@ class ModelConfig:
         "are never held (training and evaluation; default: the plain path)."
     )
     recompute_activations: bool = arg(
-        False, "Recompute each transformer block in the backward pass (saves memory)."
+        False, "Megatron's selective recompute (= --recompute-granularity selective): recompute "
+        "the --recompute-modules (default core attention) in backward. Before issue 19 this "
+        "flag recomputed every block in full: use --recompute-granularity full for that."
     )
+    recompute_granularity: Optional[str] = arg(
+        None, "Activation recompute: full (whole blocks, per --recompute-method) or selective "
+        "(the --recompute-modules inside each block).", choices=["full", "selective"])
+    recompute_method: Optional[str] = arg(
+        None, "With --recompute-granularity full: uniform (checkpoint groups of "
+        "--recompute-num-layers consecutive blocks; default) or block (checkpoint only the first "
+        "--recompute-num-layers blocks).", choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = arg(
+        None, "Blocks per recomputed group (uniform) or blocks recomputed (block); default 1 "
+        "(uniform) or all blocks (block).")
+    recompute_modules: list = arg(
+        ["core_attn"], "Parts of each block recomputed under selective granularity.",
+        nargs="*", choices=["core_attn", "layernorm", "mlp", "moe", "shared_experts"])
 
     @property
     def ffn_size(self) -> int:

@@ -121,6 +121,8 @@ def eval_config(cfg: Config) -> Config:
     cfg.moe.moe_expert_capacity_factor = None
     cfg.moe.moe_token_dispatcher_type = "alltoall"
     cfg.model.recompute_activations = False
+    cfg.model.recompute_granularity = None
+    cfg.model.recompute_method = cfg.model.recompute_num_layers = None
     return cfg
 
 

@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import Config
+from megatron_selfroute.models import recompute
 from megatron_selfroute.models.chunked_ce import linear_cross_entropy
 from megatron_selfroute.models.common import (
     build_blocks,
@@ -71,7 +71,9 @@ class GPTModel(nn.Module):
         self.lm_head = nn.Linear(m.hidden_size, m.padded_vocab_size, bias=False)
         if not m.untie_embeddings_and_output_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        self.recompute = m.recompute_activations
+        self.recompute = recompute.resolve(m)
+        for block in blocks:
+            block.set_recompute(self.recompute.modules)
         self.ce_chunk = m.cross_entropy_chunk_size
         if init:
             parallelize_gpt(self, ParallelLayout.single(cfg))
@@ -110,14 +112,9 @@ class GPTModel(nn.Module):
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
         x = self.transformer.drop(self.transformer.wte(input_ids)
                                   + self.transformer.wpe(position_ids))
-        aux = x.new_zeros((), dtype=torch.float32)
         ctx = RoutingContext(token_index, input_ids, iteration)
-        for block in self.transformer.h:
-            if self.recompute and self.training:
-                x, a = checkpoint(block, x, attention_mask, ctx, use_reentrant=False)
-            else:
-                x, a = block(x, attention_mask, ctx)
-            aux = aux + a
+        x, aux = recompute.run_blocks(self.transformer.h, x, attention_mask, ctx, self.recompute,
+                                      self.training)
         x = self.transformer.ln_f(x)
         if labels is not None and self.ce_chunk:  # never holds the [tokens, vocab] logits
             loss = linear_cross_entropy(x.reshape(b * s, -1), self.lm_head.weight,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_selfroute.config import ModelConfig
+from megatron_selfroute.models.recompute import maybe_checkpoint
 
 
 def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
@@ -48,6 +49,7 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
         self.attn_dropout = cfg.attention_dropout
         self.resid_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.recompute_core = False  # selective recompute of softmax(QK^T)V (models/recompute)
 
     def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         b, s, d = x_BSD.shape
@@ -55,14 +57,19 @@ class SelfAttention(nn.Module):
         # [B, S, D] -> [B, heads, S, D/heads]
         q, k, v = (t.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for t in (q, k, v))
-        drop = self.attn_dropout if self.training else 0.0
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop,
-                                               is_causal=self.is_causal)
-        else:  # attn_mask: bool [B, 1, S, S], True = may attend (already causal)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        y = maybe_checkpoint(self.recompute_core and self.training, self._core, q, k, v,
+                             attn_mask)
         y = y.transpose(1, 2).contiguous().view(b, s, d)
         return self.resid_dropout(self.c_proj(y))
+
+
+    def _core(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        drop = self.attn_dropout if self.training else 0.0
+        if attn_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop,
+                                                  is_causal=self.is_causal)
+        # attn_mask: bool [B, 1, S, S], True = may attend (already causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
 
 
 class Block(nn.Module):
@@ -81,6 +88,7 @@ class Block(nn.Module):
         # module (outside it, and named without "expert", for DeepSpeed's checkpoint code).
         self.shared_mlp = shared_mlp
         self.mlp_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.recompute_modules: frozenset = frozenset()  # selective recompute (set_recompute)
         if drop_path > 0:
             from timm.layers import DropPath  # the [vision] extra; GPT never needs it
 
@@ -92,12 +100,21 @@ class Block(nn.Module):
                 ctx: Optional[Any] = None) -> tuple[Tensor, Tensor]:
         """Returns the new residual stream and this block's router losses (0 for dense);
         `ctx` is the forward's `RoutingContext`, read by an MoE layer."""
-        x_BSD = x_BSD + self.drop_path(self.attn(self.ln_1(x_BSD), attn_mask))
-        h_BSD = self.ln_2(x_BSD)
+        rc = self.recompute_modules if self.training else frozenset()
+        ln = "layernorm" in rc
+        x_BSD = x_BSD + self.drop_path(self.attn(maybe_checkpoint(ln, self.ln_1, x_BSD),
+                                                 attn_mask))
+        h_BSD = maybe_checkpoint(ln, self.ln_2, x_BSD)
         if self.is_moe:
-            y_BSD, aux = self.mlp(h_BSD, ctx)
+            y_BSD, aux = maybe_checkpoint("moe" in rc, self.mlp, h_BSD, ctx)
             if self.shared_mlp is not None:
-                y_BSD = y_BSD + self.shared_mlp(h_BSD)
+                y_BSD = y_BSD + maybe_checkpoint("shared_experts" in rc, self.shared_mlp, h_BSD)
         else:
-            y_BSD, aux = self.mlp(h_BSD), x_BSD.new_zeros((), dtype=torch.float32)
+            y_BSD = maybe_checkpoint("mlp" in rc, self.mlp, h_BSD)
+            aux = x_BSD.new_zeros((), dtype=torch.float32)
         return x_BSD + self.drop_path(self.mlp_dropout(y_BSD)), aux
+
+    def set_recompute(self, modules: frozenset) -> None:
+        """Selective recompute of these parts (models/recompute.py MODULES)."""
+        self.recompute_modules = frozenset(modules)
+        self.attn.recompute_core = "core_attn" in modules

@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_selfroute.config import DEIT_PRESETS, Config, ModelConfig
+from megatron_selfroute.models import recompute
 from megatron_selfroute.models.common import (
     build_blocks,
     layout_free_names,
@@ -112,7 +112,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = layer_norm(m)
         self.head = nn.Linear(d, vit.num_classes)
-        self.recompute = m.recompute_activations
+        self.recompute = recompute.resolve(m)
+        for block in blocks:
+            block.set_recompute(self.recompute.modules)
         self._ema: list[tuple[nn.Module, str, nn.Parameter]] = []
         if init:
             parallelize_vit(self, ParallelLayout.single(cfg))
@@ -146,14 +148,8 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, patches, D]
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
-        aux = x.new_zeros((), dtype=torch.float32)
         ctx = RoutingContext(token_index, None, iteration)
-        for block in self.blocks:
-            if self.recompute and self.training:
-                x, a = checkpoint(block, x, None, ctx, use_reentrant=False)
-            else:
-                x, a = block(x, None, ctx)
-            aux = aux + a
+        x, aux = recompute.run_blocks(self.blocks, x, None, ctx, self.recompute, self.training)
         return self.head(self.norm(x)[:, 0]).float(), aux
 
     def routing_counts(self) -> tuple[Tensor, Tensor]:

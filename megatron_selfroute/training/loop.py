@@ -618,6 +618,12 @@ def pretrain(cfg: Config, task: Task, layout: Optional[ParallelLayout] = None,
 
 def _log_model(cfg: Config, layout: ParallelLayout, model: torch.nn.Module) -> None:
     print_rank0(f"> parallel layout: {layout}")
+    plan = getattr(model, "recompute", None)
+    if plan is not None and plan.granularity is not None:
+        note = (" (--recompute-activations is Megatron's selective recompute; it recomputed "
+                "whole blocks before: use --recompute-granularity full for that)"
+                if cfg.model.recompute_activations else "")
+        print_rank0(f"> activation recompute: {plan.describe()}{note}")
     pattern = getattr(model, "pattern", None)
     if pattern is not None and any(pattern):
         router = ROUTERS[cfg.moe.router_type]

@@ -47,7 +47,8 @@ def runs(tmp_path_factory, shakespeare_prefix):
         argvs.append(argv)
 
     steps = ["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1"]
-    add("bias", data + EP2 + BIAS + steps + ["--recompute-activations", "--zero-stage", "2"])
+    add("bias", data + EP2 + BIAS + steps + ["--recompute-granularity", "full", "--zero-stage",
+                                              "2"])
     add("bias-plain", data + EP2 + BIAS + steps + ["--zero-stage", "2"])
     add("bias-skip", data + EP2 + BIAS + ["--train-iters", "3", "--skip-nan-steps", "1",
                                           "--test-nan-at", "2"])

@@ -157,7 +157,7 @@ def test_random_router_identical_under_recompute():
     results = []
     for recompute in (False, True):
         cfg = tiny_cfg("random")
-        cfg.model.recompute_activations = recompute
+        cfg.model.recompute_granularity = "full" if recompute else None
         model = GPTModel(cfg)
         model.train()
         out = model(ids, labels=ids, iteration=3)
