@@ -236,6 +236,13 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     if tr.train_iters is not None and tr.train_samples is not None:
         raise ConfigError("--train-iters and --train-samples are mutually exclusive")
     _validate_numbers(cfg)
+    if tr.compile:
+        import torch._dynamo
+
+        backends = set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"}
+        if tr.compile_backend not in backends:
+            raise ConfigError(f"--compile-backend {tr.compile_backend!r} is not a torch.compile "
+                              f"backend (e.g. {', '.join(sorted(backends)[:6])})")
     from megatron_selfroute.models.recompute import resolve as resolve_recompute
 
     resolve_recompute(m)  # the recompute flags' contradictions, named
@@ -261,8 +268,9 @@ def _validate_numbers(cfg: Config) -> None:
     """Ranges of the optimisation, schedule, logging and checkpoint numbers (NaN and inf are
     refused wherever a finite number is meant)."""
     tr, d = cfg.train, cfg.data
+    # 0 keeps Megatron's meaning "off" for --eval-iters, --save-interval and --exit-interval
     at_least = {"train_iters": 1, "train_samples": 1, "log_interval": 1, "eval_interval": 1,
-                "eval_iters": 1, "save_interval": 1, "keep_last": 1, "exit_interval": 1,
+                "eval_iters": 0, "save_interval": 0, "keep_last": 1, "exit_interval": 0,
                 "lr_warmup_iters": 0, "lr_decay_iters": 1, "skip_nan_steps": 0}
     for name, low in at_least.items():
         value = getattr(tr, name)

@@ -303,6 +303,12 @@ class TrainConfig:
     peak_tflops: Optional[float] = arg(
         None, "Peak TFLOP/s of one device for MFU (default per detected device)."
     )
+    compile: bool = arg(
+        False, "torch.compile each transformer block's dense parts in place (LayerNorms, "
+        "attention, dense and shared MLPs; the MoE layer's data-dependent dispatch stays eager). "
+        "Checkpoint names are unchanged.")
+    compile_backend: str = arg("inductor", "torch.compile backend for --compile (inductor; "
+                               "aot_eager compiles fast, for tests).")
     debug: bool = arg(False, "Show full tracebacks on errors.")
 
 

@@ -107,8 +107,9 @@ def check_file(tag_dir: str, name: str, want: dict, chunk: int) -> Optional[str]
 
 
 def problems(tag_dir: str, names: Optional[Iterable[str]] = None) -> list[str]:
-    """Every mismatch between `tag_dir` and its manifest (restricted to `names`, a share of the
-    files, when given); [] when it matches or has no manifest."""
+    """Every mismatch between `tag_dir`'s manifested files and its manifest (restricted to
+    `names`, a share of the files, when given); [] when they match or it has no manifest. Files
+    the manifest does not list (`unlisted`) are not damage: loading never reads them."""
     doc = read(tag_dir)
     if doc is None:
         return []
@@ -119,8 +120,6 @@ def problems(tag_dir: str, names: Optional[Iterable[str]] = None) -> list[str]:
         bad = check_file(tag_dir, name, files[name], chunk)
         if bad:
             out.append(bad)
-    if names is None:
-        out += unlisted(tag_dir, doc)
     return out
 
 

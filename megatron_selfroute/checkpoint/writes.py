@@ -87,16 +87,15 @@ def write_file(path: str, fill: Callable[[object], None],
             f.flush()
             os.fsync(f.fileno())
         return None
-    except Exception:  # noqa: BLE001 - torch's writer wraps the OSError
+    except Exception as exc:  # noqa: BLE001 - torch's writer wraps the OSError
         try:
             os.unlink(path)
         except OSError:
             pass
-        if guarded is not None and guarded.error is not None:
-            e = guarded.error
+        e = guarded.error if guarded is not None and guarded.error is not None else exc
         if not isinstance(e, OSError):
             raise
-        return describe(e, path)
+        return describe(e, path)  # open, write, flush, fsync or close failed
 
 
 def torch_save(obj, path: str, fault: Optional[DiskFault] = None,

@@ -129,11 +129,31 @@ def _remove_tree(path: str) -> None:
 def prune(save_dir: str, keep_last: int, current: str) -> list[str]:
     """Delete all but the newest `keep_last` checkpoints (never `current`); returns the
     deleted tags."""
-    tags = [t for t in checkpoint_tags(save_dir) if t != current]
+    # only checkpoints older than the new one: tags above it (a run resumed from an earlier
+    # checkpoint, e.g. by --load-fallback past a damaged one) are left alone
+    tags = [t for t in checkpoint_tags(save_dir) if t < current]
     doomed = tags[:max(len(tags) - (keep_last - 1), 0)]
     for tag in doomed:
         _remove_tree(os.path.join(save_dir, tag))
     return doomed
+
+
+def _guard_recovery_script(engine, ckpt_engine) -> None:
+    """DeepSpeed copies its zero_to_fp32.py into --save with a plain copyfile on rank 0; on a
+    full disk that raised out of the save on rank 0 alone (the others hung in DeepSpeed's
+    barrier). Record it as a failed write instead (once per engine)."""
+    orig = getattr(engine, "_copy_recovery_script", None)
+    if orig is None or getattr(orig, "_guarded", False):
+        return
+
+    def guarded(save_path, *args, **kwargs):
+        try:
+            return orig(save_path, *args, **kwargs)
+        except OSError as e:
+            ckpt_engine.failures.append(writes.describe(e, save_path))
+
+    guarded._guarded = True
+    engine._copy_recovery_script = guarded
 
 
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
@@ -171,6 +191,7 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
               else "no earlier checkpoint exists")
     fault = disk_fault_from_env(state.iteration, rank)
     ckpt_engine = engine.checkpoint_engine
+    _guard_recovery_script(engine, ckpt_engine)
     ckpt_engine.begin_save(fault)
     engine.save_checkpoint(save_dir, tag=tmp, client_state={}, save_latest=False)
     failures = ckpt_engine.end_save()
@@ -187,7 +208,8 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
         failures = [err] if err else []
     msg = _first_failure(_gather(failures[0] if failures else None, world), "writing")
     if msg is None:  # every file is there: each rank checksums a share for the manifest
-        names = manifest.listed_files(tmp_path)
+        # rank 0 lists the directory for everyone (another node's cached listing may lag)
+        names = _broadcast(manifest.listed_files(tmp_path) if rank == 0 else None, world)
         try:
             part, err = manifest.entries(tmp_path, names[rank::world]), None
         except OSError as e:
@@ -209,6 +231,8 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
                     shutil.rmtree(old)
             except OSError as e:
                 msg = f"finishing the save on rank 0 failed: {writes.describe(e, tmp_path)}"
+                if os.path.exists(old) and not os.path.exists(final_path):
+                    os.replace(old, final_path)  # put a re-saved tag's previous copy back
         if msg is not None:
             _remove_tree(tmp_path)
         elif cfg.train.keep_last:
@@ -244,6 +268,19 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
             "tools/checkpoint/convert.py")
 
 
+def _interrupted_first_save(load_dir: str) -> Optional[str]:
+    """A kill between a save's rename and its pointer update leaves a complete checkpoint (it
+    has a manifest, written before the rename) without a pointer: resume from the newest such
+    one, as the pointer would have named it."""
+    complete = [t for t in checkpoint_tags(load_dir)
+                if os.path.isfile(os.path.join(load_dir, t, manifest.MANIFEST))]
+    if not complete:
+        return None
+    print_rank0(f"> {load_dir} has no {POINTER} but a complete checkpoint {complete[-1]} (a "
+                "save was interrupted before its pointer update): resuming from it")
+    return complete[-1]
+
+
 def _refuse_other_kinds(load_dir: str) -> None:
     """A --load path without a pointer file starts from scratch (Megatron's behaviour) only
     when it holds no checkpoint of another kind: those are errors, not silent fresh starts."""
@@ -277,10 +314,13 @@ def verify_shared(tag_dir: str, layout: ParallelLayout) -> Optional[str]:
         names = sorted(doc["files"]) if doc is not None else []
         bad = manifest.problems(tag_dir, names[rank::world]) if doc is not None else []
         if rank == 0 and doc is not None:
-            bad += manifest.unlisted(tag_dir, doc)[:1]
+            for extra in manifest.unlisted(tag_dir, doc):  # harmless to loading: said only
+                print_rank0(f"> note: {extra}")
         err = bad[0] if bad else None
     except CheckpointError as e:
         err = str(e)
+    except Exception as e:  # noqa: BLE001 - a malformed manifest entry: every rank must gather
+        err = f"{tag_dir}/{manifest.MANIFEST}: malformed ({type(e).__name__}: {e})"
     errors = _gather(err, world)
     bad = [e for e in errors if e]
     return bad[0] if bad else None
@@ -316,6 +356,8 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
     """Restore model, optimizer, RNG and position; None when `load_dir` holds no checkpoint."""
     tag = read_pointer(load_dir)
     if tag is None:
+        tag = _interrupted_first_save(load_dir)
+    if tag is None:
         _refuse_other_kinds(load_dir)
         return None
     tag = choose_verified(load_dir, tag, layout, cfg.train.load_fallback)
@@ -340,8 +382,7 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
         raise CheckpointError(f"{path} was saved by {run_state['world_size']} processes, this run "
                               f"has {world}; pass --no-load-optim or --finetune to load weights "
                               "only")
-    if not module_only and (run_state.get("weights_only") or not any(
-            n.endswith("optim_states.pt") for n in os.listdir(path))):
+    if not module_only and run_state.get("weights_only"):
         raise CheckpointError(f"{path} has no optimizer states (a converted checkpoint holds "
                               "weights only); add --no-load-optim (or --finetune)")
     try:

@@ -9,11 +9,13 @@ of a run therefore holds a lease on `--save` for the whole run:
 * **Taking it.** The lease is written to a private temporary file and published with `os.link`,
   which fails when the lease exists (atomic on POSIX filesystems, NFS and Lustre alike; `flock`
   is not relied on: it is advisory-only or unsupported on many shared filesystems).
-* **An existing lease** may be taken over (replaced with `os.replace`) only when its holder is
-  this job (the same `SLURM_JOB_ID`: a requeue keeps it; or the same torchrun run id), a dead
-  process on this host (its pid is gone or belongs to a newer process), or stale: its heartbeat
-  is older than `--save-lease-timeout` seconds (the holder's host is down or cut off). Any other
-  holder makes the run refuse with one line naming it, before any training.
+* **An existing lease** may be taken over (replaced with `os.replace`) only by a later start of
+  the holder's job (the same `SLURM_JOB_ID` with a higher `SLURM_RESTART_COUNT`: a requeue; or the
+  same torchrun run id with a higher `TORCHELASTIC_RESTART_COUNT`), when its holder is a dead
+  process on this host (its pid is gone or belongs to a newer process), or when it is stale: its
+  heartbeat is older than `--save-lease-timeout` seconds (the holder's host is down or cut off).
+  Any other holder, two steps of one allocation included, makes the run refuse with one line
+  naming it, before any training.
 * **Heartbeat.** A daemon thread rewrites the heartbeat every timeout/6 seconds. When it finds
   the lease replaced by another run (this one was stopped long enough to look stale), the lease
   is *lost*: the next checkpoint save refuses, so the old run can never overwrite the new one.
@@ -52,6 +54,18 @@ def job_id() -> str:
     return ""
 
 
+ATTEMPT_VARS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
+
+
+def attempt() -> int:
+    """Which start of this job this is: SLURM's requeue count or torchrun's restart count."""
+    for var in ATTEMPT_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def process_start(pid: int) -> Optional[str]:
     """The start time of `pid` in clock ticks since boot (Linux /proc), None when unknown."""
     try:
@@ -83,12 +97,13 @@ class Holder:
     heartbeat: float
     token: str
     pid_start: Optional[str] = None
+    attempt: int = 0
 
     @classmethod
     def me(cls) -> "Holder":
         now = time.time()
         return cls(socket.gethostname(), os.getpid(), job_id(), now, now, uuid.uuid4().hex,
-                   process_start(os.getpid()))
+                   process_start(os.getpid()), attempt())
 
     def describe(self, now: float) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
@@ -122,8 +137,10 @@ def takeover_reason(holder: Optional[Holder], me: Holder, timeout_s: float,
     now = time.time()
     if holder is None:  # unreadable: respect it until it is as old as a stale heartbeat
         return "unreadable lease file" if now - mtime > timeout_s else None
-    if holder.job_id and holder.job_id == me.job_id:
-        return f"same job ({me.job_id})"
+    if holder.job_id and holder.job_id == me.job_id and me.attempt > holder.attempt:
+        # a requeue or restart of the holder's job (two steps of one allocation, or two
+        # launches sharing a rendezvous id, are the same attempt: they are refused)
+        return f"a later start of the same job ({me.job_id}, attempt {me.attempt})"
     if holder.host == me.host and holder.pid == me.pid:
         return "this process"
     if holder.host == me.host and not pid_alive(holder.pid, holder.pid_start):
@@ -164,6 +181,9 @@ class SaveLease:
                     continue  # released meanwhile: try again
                 holder = read_holder(self.path)
                 reason = takeover_reason(holder, self.me, self.timeout_s, mtime)
+                if reason is None and holder is None:
+                    time.sleep(0.1)  # being replaced or released right now: look again
+                    continue
                 if reason is None:
                     held = holder.describe(time.time())
                     raise LeaseError(

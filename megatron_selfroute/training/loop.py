@@ -141,11 +141,13 @@ def _next_batch(loader, iteration: int):
         return next(loader)
     except (StopIteration, ValueError):  # ValueError: data errors that already name the culprit
         raise
-    except (RuntimeError, OSError, EOFError) as e:
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):
+            raise  # another failure (e.g. a collate error): its own message and traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(f"the data loader failed at iteration {iteration}: {first} (a data "
                             "loader worker died: killed, out of memory, or a bus error reading "
-                            "the data; resume with --load)") from None
+                            "the data; resume with --load)") from e
 
 
 def _take_outputs(cfg: Config, layout: ParallelLayout) -> Optional[SaveLease]:
@@ -172,6 +174,8 @@ def _take_outputs(cfg: Config, layout: ParallelLayout) -> Optional[SaveLease]:
             err = str(e)
         except OSError as e:
             err = f"--save {tr.save}: cannot take the lease ({e.strerror or e})"
+        except Exception as e:  # noqa: BLE001 - every rank must reach the broadcast below
+            err = f"--save {tr.save}: cannot take the lease ({type(e).__name__}: {e})"
     if layout.world_size > 1:
         box = [err]
         dist.broadcast_object_list(box, src=0)
@@ -316,6 +320,12 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True)
         model = task.parallelize(task.build_model(cfg), layout)
+        if tr.compile:
+            from megatron_selfroute.models.compile import compile_model
+
+            n = compile_model(model, tr.compile_backend)
+            print_rank0(f"> --compile: {n} modules compiled in place (backend "
+                        f"{tr.compile_backend}; MoE layers stay eager)")
         summary = RunSummary(tr.run_summary, cfg, model) if tr.run_summary else None
         _log_model(cfg, layout, model)
         engine = build_engine(model, cfg, layout, extra_ds)
@@ -324,6 +334,8 @@ class Trainer:
         n_eval = (tr.train_iters // tr.eval_interval + 1) * tr.eval_iters * gbs
         train_ds, valid_ds, _ = task.build_datasets(cfg, [tr.train_iters * gbs, n_eval,
                                                           tr.eval_iters * gbs])
+        if tr.eval_iters == 0:  # Megatron: --eval-iters 0 turns validation off
+            valid_ds = None
         if train_ds is None:
             raise ConfigError(f"--split {cfg.data.split} leaves no training data in "
                               f"--data-path {' '.join(cfg.data.data_path)}")

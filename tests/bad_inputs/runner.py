@@ -228,7 +228,7 @@ def build_cases(work: Path) -> dict:
         "lease_timeout_negative": (pretrain, t + m + ["--save-lease-timeout", "-5"] + save,
                                    guard),
         "log_interval_zero": (pretrain, t + m + ["--log-interval", "0"] + save, guard),
-        "eval_iters_zero": (pretrain, t + m + ["--eval-iters", "0"] + save, guard),
+        "eval_iters_negative": (pretrain, t + m + ["--eval-iters=-1"] + save, guard),
         "heads_zero": (pretrain, t + m + ["--num-attention-heads", "0"] + save, guard),
         "ffn_zero": (pretrain, t + m + ["--ffn-hidden-size", "0"] + save, guard),
         "experts_zero": (pretrain, t + m + ["--num-experts", "0"] + save, guard),

@@ -36,7 +36,7 @@ NEEDLES = {
     "verify_not_a_checkpoint": "notdir: not a directory",
     "convert_flipped_byte": "layer_1_expert_2_mp_rank_00_model_states.pt: checksum mismatch",
     "analyze_missing_data": "--data-path",
-    "eval_iters_zero": "--eval-iters must be >= 1, got 0",
+    "eval_iters_negative": "--eval-iters must be >= 0, got -1",
     "heads_zero": "--num-attention-heads must be >= 1, got 0",
     "ffn_zero": "--ffn-hidden-size must be >= 1, got 0",
     "experts_zero": "--num-experts must be >= 1, got 0 (omit --num-experts for a dense model)",

@@ -28,7 +28,8 @@ def _holder(d, env=None):
 
 
 def _clean_env(monkeypatch):
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "PBS_JOBID", "LSB_JOBID"):
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "PBS_JOBID", "LSB_JOBID",
+                "SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -54,9 +55,12 @@ def test_same_slurm_job_takes_over_a_live_holder(tmp_path, monkeypatch):
         monkeypatch.setenv("SLURM_JOB_ID", "778")  # another job is refused
         with pytest.raises(LeaseError, match="job SLURM_JOB_ID=777"):
             SaveLease(str(tmp_path), 30).acquire()
-        monkeypatch.setenv("SLURM_JOB_ID", "777")  # a requeue keeps the job id
+        monkeypatch.setenv("SLURM_JOB_ID", "777")  # a second step of the same start: refused
+        with pytest.raises(LeaseError, match="job SLURM_JOB_ID=777"):
+            SaveLease(str(tmp_path), 30).acquire()
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeue keeps the job id
         lease = SaveLease(str(tmp_path), 30).acquire()
-        assert lease.took_over == "same job (SLURM_JOB_ID=777)"
+        assert lease.took_over == "a later start of the same job (SLURM_JOB_ID=777, attempt 1)"
         lease.release()
     finally:
         p.kill()

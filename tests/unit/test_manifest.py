@@ -57,7 +57,9 @@ def test_truncated_missing_and_extra_files(tmp_path):
     (d / "stray.pt").write_bytes(b"x")
     assert manifest.problems(str(d)) == [
         f"{d}/f0.pt: truncated: 40 bytes, the manifest says 100",
-        f"{d}/f1.pt: missing (the manifest lists it, 200 bytes)",
+        f"{d}/f1.pt: missing (the manifest lists it, 200 bytes)"]
+    # a file the manifest does not list is noted, not damage (loading never reads it)
+    assert manifest.unlisted(str(d), manifest.read(str(d))) == [
         f"{d}/stray.pt: not in the manifest (added after the save)"]
 
 
@@ -105,3 +107,43 @@ def test_verify_tool_reports_each_checkpoint(tmp_path):
     r = verify_cli(str(tmp_path / "nothing"))
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nothing'}: not a " \
                                                      "directory"
+
+
+def test_keep_last_prunes_only_older_checkpoints(tmp_path):
+    """--keep-last deletes checkpoints older than the new one, never the new one nor newer
+    ones (a run resumed by --load-fallback from iter 2 past a damaged iter 6 saves iter 4)."""
+    from megatron_selfroute.training.checkpointing import prune
+
+    for it in (1, 2, 4, 6):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+    assert prune(str(tmp_path), 2, "iter_0000004") == ["iter_0000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000004",
+                                                          "iter_0000006"]
+
+
+def test_a_save_killed_before_its_first_pointer_update_resumes(tmp_path):
+    """rename done, pointer not yet written: the complete checkpoint (it has a manifest) is
+    resumed; a directory of manifest-less tags without a pointer is still an error."""
+    from megatron_selfroute.training.checkpointing import _interrupted_first_save
+
+    make_tag(tmp_path / "iter_0000003", sizes=(8,))
+    (tmp_path / "iter_0000005").mkdir()  # no manifest: not complete
+    assert _interrupted_first_save(str(tmp_path)) == "iter_0000003"
+    assert _interrupted_first_save(str(tmp_path / "iter_0000005")) is None
+
+
+def test_dense_zero0_checkpoint_resumes(tmp_path):
+    """A dense model under ZeRO-0 keeps its optimizer state inside mp_rank_00_model_states.pt
+    (no *optim_states.pt file): it resumes, and verify.py calls it OK."""
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--micro-batch-size", "2", "--eval-iters", "1",
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+            "--zero-stage", "0", "--save", str(tmp_path / "ck"), "--load", str(tmp_path / "ck")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for iters in ("2", "3"):
+        r = subprocess.run([sys.executable, "pretrain_gpt.py", *args, "--train-iters", iters],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "at iteration 2" in r.stdout
+    v = verify_cli(str(tmp_path / "ck"))
+    assert v.returncode == 0 and v.stdout.count("OK ") == 2, v.stdout

@@ -7,8 +7,9 @@
 
 For each checkpoint: its manifest (every file's size and CRC-32 per 16 MiB chunk) against the
 files, and the files its run state implies (model states, one file per MoE layer and global
-expert, an RNG file per rank, the optimizer states). Checkpoints written before manifests
-existed are checked for completeness only and reported as unverified.
+expert, an RNG file per rank). Files the manifest does not list are noted, not counted as damage.
+Checkpoints written before manifests existed are checked for completeness only and reported as
+unverified.
 
 Prints one line per checkpoint (OK / UNVERIFIED / DAMAGED with the first problem, and every
 further problem indented under it); exits 0 when every checked checkpoint is usable, 1 when one
@@ -33,7 +34,7 @@ from megatron_selfroute.checkpoint.files import (  # noqa: E402
     expert_file,
     rng_file,
 )
-from megatron_selfroute.checkpoint.manifest import problems, read  # noqa: E402
+from megatron_selfroute.checkpoint.manifest import problems, read, unlisted  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,14 +71,14 @@ def check_tag(tag_dir: str) -> dict:
     try:
         found = [os.path.join(tag_dir, n) + ": missing" for n in expected_files(tag_dir)
                  if not os.path.isfile(os.path.join(tag_dir, n))]
-        if not any(n.endswith("optim_states.pt") for n in os.listdir(tag_dir)):
-            found.append(f"{tag_dir}: no optimizer states (*optim_states.pt)")
         found += problems(tag_dir)
-        verified = read(tag_dir) is not None
+        doc = read(tag_dir)
+        verified = doc is not None
+        notes = unlisted(tag_dir, doc) if doc is not None else []
     except CheckpointFormatError as e:
-        found, verified = [str(e)], False
+        found, verified, notes = [str(e)], False, []
     status = "DAMAGED" if found else ("OK" if verified else "UNVERIFIED")
-    return {"status": status, "problems": found}
+    return {"status": status, "problems": found, "notes": notes}
 
 
 def verify(path: str, latest: bool) -> dict[str, dict]:
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{res['status']:10s} {tag_dir}{mark}{first}")
         for more in res["problems"][1:]:
             print(f"           {more}")
+        for note in res.get("notes", []):
+            print(f"           note: {note}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
