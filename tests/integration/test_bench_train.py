@@ -1,0 +1,28 @@
+"""tools/bench_train.py end to end at its small shape, one round: it runs both sides on the same
+model object and writes a report whose numbers are consistent (timings are not asserted: speed
+goals are read from the benchmark's printed ratios, not from tests)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_train_reports_framework_and_bare_steps(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "tools/bench_train.py", "--moe", "--rounds", "2",
+                        "--steps", "2", "--warmup", "1", "--json", str(out), "--",
+                        "--num-layers", "1"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["moe"] and rep["world"] == 1 and rep["extra_flags"] == ["--num-layers", "1"]
+    assert rep["framework_ms"] > 0 and rep["bare_ms"] > 0
+    assert rep["ratio"] == rep["framework_ms"] / rep["bare_ms"]
+    assert rep["ratio_p10"] <= rep["ratio_p90"]
+    parts = rep["framework_parts_ms"]
+    assert {"data", "forward", "backward", "optimizer", "bookkeeping"} <= set(parts)
+    assert sum(parts.values()) >= rep["framework_ms"] * 0.999  # bookkeeping = the rest
+    assert "[bench_train] round 2/2" in r.stdout and "ratio" in r.stdout

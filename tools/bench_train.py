@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Time full training steps of pretrain_gpt.py's own code path against a bare PyTorch loop on the
+same model object, in the same run, interleaved.
+
+The framework step is `Trainer.train_step` + `record` + `log` + `evaluate_save_exit` (the
+DeepSpeed engine, the NaN check, routing statistics, the expert-bias hook, the log line at
+--log-interval): what a user's `pretrain_gpt.py` run executes per iteration. The bare step runs
+the same model object on the same (pre-collated) batch: forward, `loss.backward()`,
+`torch.optim.AdamW.step()` with the same hyper-parameters, `zero_grad` — and on several processes
+one flat gradient all-reduce (a bare data-parallel loop). Rounds alternate between the two so
+machine noise hits both; the report gives each side's median step time, the ratio of medians with
+the spread of per-round ratios [p10, p90], and the framework's per-part times from its own timers
+(data, forward, backward, optimizer, the rest as bookkeeping), with --json.
+
+    python tools/bench_train.py                           # the small shape (20-50 ms on 2 cores)
+    python tools/bench_train.py --shape quickstart --moe  # the quickstart model
+    python tools/bench_train.py --shape gpt2-small --json out.json
+    torchrun --nproc-per-node 2 tools/bench_train.py      # 2 processes (gloo on CPU)
+
+Extra trainer flags after `--` (e.g. `-- --compile --compile-backend inductor`) apply to both
+sides (the bare loop uses the same, possibly compiled, model object).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    # layers, hidden, heads, seq, micro-batch, vocabulary
+    "small": (2, 128, 4, 128, 4, 4096),  # the small table's SentencePiece vocabulary
+    "quickstart": (4, 256, 4, 128, 4, 50257),
+    "gpt2-small": (12, 768, 12, 1024, 1, 50257),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--moe", action="store_true", help="8 experts, top-2, self-routing")
+    p.add_argument("--rounds", type=int, default=7, help="alternations framework/bare")
+    p.add_argument("--steps", type=int, default=5, help="steps per side per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
+    p.add_argument("--json", default=None, help="also write the report here")
+    args, extra = p.parse_known_args(argv)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args, extra
+
+
+def trainer_argv(args, extra) -> list[str]:
+    layers, hidden, heads, seq, mb, vocab = SHAPES[args.shape]
+    argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads",
+            str(heads), "--seq-length", str(seq), "--micro-batch-size", str(mb),
+            "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab),
+            "--train-iters", str(10**6), "--log-interval", "10", "--eval-interval", str(10**6),
+            "--eval-iters", "0", "--timing-log-level", "1", "--lr", "1e-4"]
+    if args.moe:
+        argv += ["--num-experts", "8", "--moe-router-topk", "2", "--router-type", "self"]
+    return argv + list(extra)
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def main(argv=None) -> dict:
+    args, extra = parse_args(argv if argv is not None else sys.argv[1:])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.distributed as dist
+
+    import pretrain_gpt
+    from megatron_selfroute.arguments import parse_args as trainer_args
+    from megatron_selfroute.parallel.layout import ParallelLayout
+    from megatron_selfroute.training.logging import print_rank0
+    from megatron_selfroute.training.loop import Trainer, _to_device
+
+    cfg, _ = trainer_args(trainer_argv(args, extra))
+    layout = ParallelLayout.from_config(cfg)
+    trainer = Trainer.setup(cfg, pretrain_gpt.make_task(cfg), layout)
+    engine, model = trainer.engine, trainer.engine.module
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tr = cfg.train
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
+                            weight_decay=tr.weight_decay)
+    batch = _to_device(trainer.task, engine, next(trainer.loader))
+    tokens, labels = batch["tokens"], batch["labels"]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def framework_step():
+        step = trainer.train_step()
+        trainer.record(step)
+        trainer.log(step)
+        trainer.evaluate_save_exit()
+
+    def bare_step():
+        out = model(tokens, labels=labels, iteration=0)
+        loss = out.loss.mean() + out.aux_loss
+        loss.backward()
+        if world > 1:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= world  # the bytes a bare data-parallel loop moves (not copied back)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn, n):
+        out = []
+        for _ in range(n):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - t)
+        return out
+
+    model.train()
+    timed(framework_step, args.warmup)
+    timed(bare_step, args.warmup)
+    trainer.timers.pop_ms(1)  # forget the warm-up's part times
+    fw, bare, ratios, parts = [], [], [], {}
+    t0 = time.time()
+    for r in range(args.rounds):
+        f = timed(framework_step, args.steps)
+        for k, v in trainer.timers.pop_ms(args.steps).items():
+            parts.setdefault(k, []).append(v)
+        b = timed(bare_step, args.steps)
+        fw += f
+        bare += b
+        ratios.append(statistics.median(f) / statistics.median(b))
+        done = r + 1
+        eta = (time.time() - t0) / done * (args.rounds - done)
+        print_rank0(f"[bench_train] round {done}/{args.rounds}: framework "
+                    f"{1000 * statistics.median(f):.1f} ms, bare {1000 * statistics.median(b):.1f}"
+                    f" ms, ratio {ratios[-1]:.3f} (ETA {eta:.0f} s)")
+    fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
+    part_ms = {k: statistics.median(v) for k, v in parts.items()}
+    part_ms["bookkeeping"] = max(fw_ms - sum(part_ms.values()), 0.0)
+    report = {
+        "shape": args.shape, "moe": args.moe, "world": world, "extra_flags": extra,
+        "framework_ms": fw_ms, "bare_ms": bare_ms, "ratio": fw_ms / bare_ms,
+        "ratio_p10": pct(ratios, 0.1), "ratio_p90": pct(ratios, 0.9),
+        "framework_parts_ms": part_ms, "rounds": args.rounds, "steps": args.steps,
+    }
+    print_rank0(f"[bench_train] {args.shape} {'MoE' if args.moe else 'dense'} x{world}: "
+                f"framework {fw_ms:.1f} ms, bare {bare_ms:.1f} ms per step, ratio "
+                f"{report['ratio']:.3f} [p10 {report['ratio_p10']:.3f}, p90 "
+                f"{report['ratio_p90']:.3f}]; parts (ms): " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in part_ms.items()))
+    if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    trainer.close()
+    return report
+
+
+if __name__ == "__main__":
+    from megatron_selfroute.training.loop import run_main
+
+    run_main(main, sys.argv[1:])
