@@ -26,6 +26,16 @@ def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def checkpoint_tags(save_dir: str) -> list[str]:
+    """Complete-looking checkpoint directories (`iter_` + 7 digits), oldest first."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(n for n in names if TAG_RE.fullmatch(n)
+                  and os.path.isdir(os.path.join(save_dir, n)))
+
+
 def expert_file(moe_layer: int, expert: int) -> str:
     """DeepSpeed's name of one (MoE layer, global expert) file."""
     return f"layer_{moe_layer}_expert_{expert}_{MODEL_STATES}"

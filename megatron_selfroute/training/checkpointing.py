@@ -37,7 +37,7 @@ from megatron_selfroute.checkpoint import rng as rng_codec
 from megatron_selfroute.checkpoint.files import (
     POINTER,
     RUN_STATE,
-    TAG_RE,
+    checkpoint_tags,
     read_pointer,
     rng_file,
     tag_for,
@@ -103,16 +103,6 @@ def _first_failure(errors: list, what: str) -> Optional[str]:
     rank, err = bad[0]
     more = f" (and on {len(bad) - 1} more ranks)" if len(bad) > 1 else ""
     return f"{what} failed on rank {rank}: {err}{more}"
-
-
-def checkpoint_tags(save_dir: str) -> list[str]:
-    """Complete-looking checkpoint directories (`iter_` + 7 digits), oldest first."""
-    try:
-        names = os.listdir(save_dir)
-    except OSError:
-        return []
-    return sorted(n for n in names if TAG_RE.fullmatch(n)
-                  and os.path.isdir(os.path.join(save_dir, n)))
 
 
 def _remove_tree(path: str) -> None:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron_selfroute.checkpoint import CheckpointError
 from megatron_selfroute.config import ConfigError
 from megatron_selfroute.parallel.groups import shutdown
-from megatron_selfroute.training.faults import TrainingError
+from megatron_selfroute.training.faults import LOADER_DIED, TrainingError
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -56,9 +56,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         if _loader_worker_died(e) and not debug:
             rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
             first = str(e).strip().splitlines()[0]
-            print(f"error: {rank}{first} (a data loader worker died: killed, out of memory, or "
-                  "a bus error reading the data; resume with --load)", file=sys.stderr,
-                  flush=True)
+            print(f"error: {rank}{first} ({LOADER_DIED})", file=sys.stderr, flush=True)
             os._exit(1)  # the dead worker's siblings and queues must not hold the exit
         if not _is_comm_failure(e):
             raise

@@ -17,6 +17,10 @@ class TrainingError(RuntimeError):
     """A run-stopping condition with a one-line reason (e.g. a NaN loss)."""
 
 
+LOADER_DIED = ("a data loader worker died: killed, out of memory, or a bus error reading the "
+               "data; resume with --load")
+
+
 def any_rank_nonfinite(loss: torch.Tensor) -> bool:
     """True when the loss is NaN/Inf on any rank (every rank gets the same answer)."""
     bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)

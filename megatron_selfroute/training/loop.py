@@ -42,6 +42,7 @@ from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
 from megatron_selfroute.training import checkpointing
 from megatron_selfroute.training.entry import run_main  # noqa: F401  (re-exported for scripts)
 from megatron_selfroute.training.faults import (
+    LOADER_DIED,
     ExitSignal,
     FaultHook,
     TrainingError,
@@ -145,9 +146,8 @@ def _next_batch(loader, iteration: int):
         if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):
             raise  # another failure (e.g. a collate error): its own message and traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"the data loader failed at iteration {iteration}: {first} (a data "
-                            "loader worker died: killed, out of memory, or a bus error reading "
-                            "the data; resume with --load)") from e
+        raise TrainingError(f"the data loader failed at iteration {iteration}: {first} "
+                            f"({LOADER_DIED})") from e
 
 
 def _take_outputs(cfg: Config, layout: ParallelLayout) -> Optional[SaveLease]:

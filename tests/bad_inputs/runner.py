@@ -31,26 +31,19 @@ MOCK = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """tools/<name>.py as a module (loaded once; "checkpoint/verify" names a subfolder's)."""
+    key = "tool_" + name.replace("/", "_")
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "tools" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
 
 
 def _tool_main(name: str):
-    """tools/<name>.py's main (loaded once, on first call)."""
-    def call(argv):
-        path = REPO / "tools" / f"{name}.py"
-        key = "tool_" + name.replace("/", "_")
-        if key not in sys.modules:
-            spec = importlib.util.spec_from_file_location(key, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[key] = mod
-            spec.loader.exec_module(mod)
-        sys.modules[key].main(argv)
-
-    return call
+    """tools/<name>.py's main, loaded on first call."""
+    return lambda argv: _tool(name).main(argv)
 
 
 def _pretrain(argv):

@@ -30,7 +30,7 @@ from megatron_selfroute.checkpoint.files import (  # noqa: E402
     MODEL_STATES,
     POINTER,
     RUN_STATE,
-    TAG_RE,
+    checkpoint_tags,
     expert_file,
     rng_file,
 )
@@ -91,8 +91,7 @@ def verify(path: str, latest: bool) -> dict[str, dict]:
     if os.path.isfile(pointer_path):
         with open(pointer_path) as f:
             pointed = f.read().strip()
-    tags = sorted(n for n in os.listdir(path) if TAG_RE.fullmatch(n)
-                  and os.path.isdir(os.path.join(path, n)))
+    tags = checkpoint_tags(path)
     if not tags and pointed is None:
         raise CheckpointFormatError(f"{path}: neither a checkpoint ({RUN_STATE}) nor a --save "
                                     f"directory ({POINTER} or iter_* directories)")
