@@ -4,6 +4,7 @@ layout as DeepSpeed's mpu, and a checkpoint engine that loads through `checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Optional
 
@@ -145,6 +146,53 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
     if max_norm > 0 and norm > max_norm:
         torch._foreach_mul_([p.grad.detach() for p in params], max_norm / (norm + 1e-6))
     return norm
+
+
+@contextlib.contextmanager
+def update_skipped(engine):
+    """Make the optimizer step inside this block a no-op on weights and optimizer state (a step
+    whose loss was non-finite on some rank; every rank enters it, so collectives stay matched).
+
+    The step's gradients may be NaN (the micro-batches ran their real backward: the NaN check is
+    read once per step, not per micro-batch), so a zero learning rate is not enough (Adam's
+    0 x NaN is NaN). Each optimizer DeepSpeed builds is sent down its own overflow path, which
+    discards the gradients and leaves weights and moments untouched:
+    - ZeRO-1/2 (`DeepSpeedZeroOptimizer`): its overflow check reports overflow for this step;
+    - ZeRO-0 bf16/fp16 (`FP16_UnfusedOptimizer`): its overflow checker reports overflow;
+    - ZeRO-0 fp32 (the torch optimizer itself): the gradients are dropped (`grad = None`), which
+      torch's optimizers skip.
+    """
+    opt = engine.optimizer
+    for group in opt.param_groups:  # a second guard: nothing may move
+        group["lr"] = 0.0
+    patched = []
+
+    def patch(obj, name, value):
+        patched.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    if hasattr(opt, "check_grad_overflow") and hasattr(opt, "check_overflow"):  # ZeRO-1/2
+        patch(opt, "check_grad_overflow", True)
+        patch(opt, "check_overflow",
+              lambda partition_gradients=True: setattr(opt, "overflow", True))
+    elif hasattr(opt, "overflow_checker"):  # DeepSpeed's unfused fp16/bf16 wrapper
+        patch(opt.overflow_checker, "check", lambda *a, **k: True)
+    elif isinstance(opt, torch.optim.Optimizer):
+        for p in engine.module.parameters():
+            p.grad = None
+    else:
+        raise RuntimeError(f"no way to skip a step of optimizer {type(opt).__name__}")
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(patched):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+_MISSING = object()
 
 
 def gradient_accumulation_steps(cfg: Config, dp_size: int) -> int:

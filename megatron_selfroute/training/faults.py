@@ -7,9 +7,7 @@ import signal
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.training.logging import print_rank0
 
 
@@ -21,12 +19,6 @@ LOADER_DIED = ("a data loader worker died: killed, out of memory, or a bus error
                "data; resume with --load")
 
 
-def any_rank_nonfinite(loss: torch.Tensor) -> bool:
-    """True when the loss is NaN/Inf on any rank (every rank gets the same answer)."""
-    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
-    return all_reduce_small(bad, op=dist.ReduceOp.MAX).item() > 0
-
-
 def skip_or_stop(state, tr, iteration: int, what: str, last_checkpoint: Optional[str]) -> bool:
     """Count a skipped step under --skip-nan-steps, else stop naming the last good checkpoint."""
     if state.skipped_steps < tr.skip_nan_steps:
@@ -36,11 +28,6 @@ def skip_or_stop(state, tr, iteration: int, what: str, last_checkpoint: Optional
         return True
     raise TrainingError(f"non-finite {what} at iteration {iteration}; last good checkpoint: "
                         f"{last_checkpoint or 'none'} (--skip-nan-steps N skips such steps)")
-
-
-def zero_loss(model: torch.nn.Module) -> torch.Tensor:
-    """A finite zero loss touching every trainable parameter (all-zero gradients)."""
-    return sum((p.reshape(-1)[:1] * 0.0).sum() for p in model.parameters() if p.requires_grad)
 
 
 FaultHook = Callable[[torch.Tensor, int], torch.Tensor]

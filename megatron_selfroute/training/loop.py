@@ -17,6 +17,7 @@ made once in `setup`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from megatron_selfroute.parallel.engine import (
     build_engine,
     clip_gradients_stage0,
     gradient_accumulation_steps,
+    update_skipped,
 )
 from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
@@ -46,12 +48,10 @@ from megatron_selfroute.training.faults import (
     ExitSignal,
     FaultHook,
     TrainingError,
-    any_rank_nonfinite,
     die_now,
     kill_injection_from_env,
     nan_injection_from_env,
     skip_or_stop,
-    zero_loss,
 )
 from megatron_selfroute.training.lease import SaveLease
 from megatron_selfroute.training.logging import (
@@ -214,7 +214,7 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int,
     start, on all ranks), and the routing statistics."""
     engine.eval()
     acc = RoutingAccumulator()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # float64 on the device: one host read at the end
     n = 0
     per_step = cfg.train.micro_batch_size * layout.dp
     needed = cfg.train.eval_iters * per_step
@@ -224,17 +224,19 @@ def evaluate(engine, task: Task, dataset, cfg: Config, iteration: int,
         for batch in loader:
             _, metrics = task.forward_step(engine, _to_device(task, engine, batch), iteration)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                v = torch.as_tensor(v, device=engine.device).detach().double()
+                sums[k] = sums[k] + v if k in sums else v
             n += 1
             model = engine.module
             if getattr(model, "moe_layers", None):
                 acc.add(*model.routing_counts())
     engine.train()
     names = sorted(sums)
-    stats = all_reduce_small(torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64),
-                             group=layout.dp_group)
-    count = max(stats[-1].item(), 1)
-    return ({k: stats[i].item() / count for i, k in enumerate(names)},
+    local = torch.stack([sums[k] for k in names]
+                        + [torch.tensor(float(n), dtype=torch.float64, device=engine.device)])
+    stats = all_reduce_small(local, group=layout.dp_group).tolist()
+    count = max(stats[-1], 1)
+    return ({k: stats[i] / count for i, k in enumerate(names)},
             acc.reduce_and_reset(layout.dp_group))
 
 
@@ -372,7 +374,8 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         self.step_timer.start()
-        lm_sum, aux_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        # The step's sums on the device: lm loss, aux loss, micro-batches with a non-finite loss.
+        acc = torch.zeros(3, dtype=torch.float64, device=engine.device)
         own_norm, skip = None, False
         last_good = self.last_saved or tr.load
         for micro in range(self.accum):
@@ -382,33 +385,25 @@ class Trainer:
                 if self.summary is not None:
                     self.summary.note_batch(it + 1, raw.get("tokens", raw.get("sample_index")))
                 batch = _to_device(self.task, engine, raw)
-            with timers("forward", 1):
-                loss, metrics = self.task.forward_step(engine, batch, it)
-            loss = self.fault_hook(loss, it + 1)
+            self.micro_batch(batch, it, acc)
+            if not last:
+                with timers("step-bookkeeping", 1):
+                    engine.step()
+                continue
+            # The step's one loss read (Megatron checks its gradient norm once per step too):
+            # every rank's sums in one all-reduce; the same verdict on every rank.
             with timers("nan-check", 2):
-                nonfinite = any_rank_nonfinite(loss)
-            if nonfinite:
-                skip = skip or skip_or_stop(state, tr, it + 1, "loss", last_good)
-                engine.backward(zero_loss(engine.module))  # keeps every rank's collectives
-            else:
-                lm_sum += metrics[self.task.loss_name].double().cpu()
-                aux_sum += metrics["aux loss"].double().cpu()
-                with timers("backward", 1):
-                    engine.backward(loss)
-            if getattr(engine.module, "moe_layers", None):
-                counts, dropped = engine.module.routing_counts()
-                self.routing.add(counts, dropped)
-                if self.bias:
-                    self.bias.add(counts)
-            if last and engine.own_clipping and not skip:
+                totals = all_reduce_small(acc / self.accum)
+                lm_loss, aux_loss, bad = (totals / self.layout.world_size).tolist()
+            if bad > 0:
+                skip = skip_or_stop(state, tr, it + 1, "loss", last_good)
+            if engine.own_clipping and not skip:
                 with timers("grad-clip", 2):
                     own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, self.layout)
                 if not math.isfinite(own_norm):
                     skip = skip_or_stop(state, tr, it + 1, "gradient norm", last_good)
-            if last and skip:
-                for group in engine.optimizer.param_groups:  # no weight update this step
-                    group["lr"] = 0.0
-            with timers("optimizer" if last else "step-bookkeeping", 1):
+            with timers("optimizer", 1), (update_skipped(engine) if skip
+                                          else contextlib.nullcontext()):
                 engine.step()
         if not skip and not engine.own_clipping:
             norm = engine.get_global_grad_norm()
@@ -420,10 +415,26 @@ class Trainer:
         self.step_timer.stop()
         if self.task.after_step is not None:
             self.task.after_step(engine, it + 1)
-        lm_loss, aux_loss = (all_reduce_small(torch.stack([lm_sum, aux_sum]) / self.accum,
-                                              group=self.layout.dp_group)
-                             / self.layout.dp).tolist()
         return StepOutcome(lm_loss, aux_loss, lr, skip, own_norm)
+
+    def micro_batch(self, batch: dict, it: int, acc: torch.Tensor) -> None:
+        """One micro-batch's forward and backward on a device batch, with no host read: its
+        losses and whether its loss is finite are added to `acc` (lm, aux, non-finite count) on
+        the device, and the routing counts stay there too (read at --log-interval)."""
+        engine, timers = self.engine, self.timers
+        with timers("forward", 1):
+            loss, metrics = self.task.forward_step(engine, batch, it)
+        loss = self.fault_hook(loss, it + 1)
+        acc[0] += metrics[self.task.loss_name].detach().double()
+        acc[1] += metrics["aux loss"].detach().double()
+        acc[2] += (~torch.isfinite(loss.detach())).any()
+        with timers("backward", 1):
+            engine.backward(loss)  # a NaN here is discarded by the step (update_skipped)
+        if getattr(engine.module, "moe_layers", None):
+            counts, dropped = engine.module.routing_counts()
+            self.routing.add(counts, dropped)
+            if self.bias:
+                self.bias.add(counts)
 
     def record(self, step: StepOutcome) -> None:
         """Advance the position and keep the step's losses (NaN for a skipped step)."""

@@ -1,5 +1,9 @@
 """A NaN loss stops the run naming the iteration and the last good checkpoint, or under
---skip-nan-steps skips the update (weights unchanged across the step), in fp32 and bf16."""
+--skip-nan-steps skips the update (weights unchanged across the step, and the optimizer state
+not poisoned: the next step trains), for each optimizer DeepSpeed builds: the torch optimizer
+(ZeRO-0 fp32), its unfused bf16 wrapper (ZeRO-0 bf16) and its ZeRO optimizer (ZeRO-1 fp32,
+ZeRO-2 bf16). The NaN check is read once per step, so the step's micro-batches all ran their
+real backward (NaN gradients included) before the skip discards them."""
 import torch
 
 from megatron_selfroute.checkpoint.safe_load import safe_globals
@@ -17,7 +21,8 @@ def module_weights(path):
 
 
 def test_nan_stop_and_skip(tmp_path):
-    variants = {"fp32": ["--zero-stage", "0"], "bf16": ["--zero-stage", "2", "--bf16"]}
+    variants = {"fp32": ["--zero-stage", "0"], "bf16": ["--zero-stage", "2", "--bf16"],
+                "fp32_zero1": ["--zero-stage", "1"], "bf16_zero0": ["--zero-stage", "0", "--bf16"]}
     argvs, names = [], []
     for name, extra in variants.items():
         argvs.append(BASE + extra + ["--train-iters", "5", "--save", str(tmp_path / f"stop_{name}"),
@@ -45,3 +50,4 @@ def test_nan_stop_and_skip(tmp_path):
         later = module_weights(tmp_path / f"skip_{name}" / "iter_0000004")
         assert all(torch.equal(before[k], after[k]) for k in before), "skipped step updated"
         assert not all(torch.equal(after[k], later[k]) for k in after), "training stopped"
+        assert all(torch.isfinite(v).all() for v in later.values()), "NaN reached the weights"
