@@ -85,7 +85,8 @@ CONFIGS_1 = {
     "learned_loop": [*MOE, "--router-type", "learned", "--moe-grouped-gemm", "loop"],
 }
 CONFIGS_2 = {
-    "ep2_learned": [*MOE, "--router-type", "learned", "--expert-model-parallel-size", "2"] + GROUPED,
+    "ep2_learned": [*MOE, "--router-type", "learned", "--expert-model-parallel-size", "2",
+                    *GROUPED],
     "zero2_self": [*MOE, "--router-type", "self", "--zero-stage", "2"] + GROUPED,
 }
 
