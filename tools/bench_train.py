@@ -6,6 +6,7 @@ The framework step is `Trainer.train_step` + `record` + `log` + `evaluate_save_e
 DeepSpeed engine, the NaN check, routing statistics, the expert-bias hook, the log line at
 --log-interval): what a user's `pretrain_gpt.py` run executes per iteration. The bare step runs
 the same model object on the same (pre-collated) batch: forward, `loss.backward()`,
+`torch.nn.utils.clip_grad_norm_` when --clip-grad > 0 (the default 1.0; nanoGPT's loop),
 `torch.optim.AdamW.step()` with the same hyper-parameters, `zero_grad` — and on several processes
 one flat gradient all-reduce (a bare data-parallel loop). Rounds alternate between the two so
 machine noise hits both; the report gives each side's median step time, the ratio of medians with
@@ -96,9 +97,10 @@ def main(argv=None) -> dict:
     engine, model = trainer.engine, trainer.engine.module
     world = dist.get_world_size() if dist.is_initialized() else 1
     tr = cfg.train
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4,
                             betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
-                            weight_decay=tr.weight_decay)
+                            weight_decay=tr.weight_decay, fused=True)  # as build_engine's
     batch = _to_device(trainer.task, engine, next(trainer.loader))
     tokens, labels = batch["tokens"], batch["labels"]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -118,6 +120,8 @@ def main(argv=None) -> dict:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= world  # the bytes a bare data-parallel loop moves (not copied back)
+        if tr.clip_grad > 0:  # the same optimizer configuration: clipping as nanoGPT does it
+            torch.nn.utils.clip_grad_norm_(params, tr.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

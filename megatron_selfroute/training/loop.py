@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_selfroute.arguments import validate
 from megatron_selfroute.config import Config, ConfigError
+from megatron_selfroute.data.packed import PackedCollate, Unpacked
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
 from megatron_selfroute.moe.balancing import ExpertBiasUpdater
 from megatron_selfroute.moe.cross_layer import cross_layer_live
@@ -195,9 +196,12 @@ def batches(dataset, cfg: Config, consumed: int, total: int, collate,
     # Its own generator: creating a loader must not draw from the global RNG (dropout), or a
     # resumed run would diverge from an uninterrupted one.
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=sampler,
-                                       num_workers=cfg.data.num_workers, collate_fn=collate,
-                                       generator=gen, pin_memory=torch.cuda.is_available())
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        WithSampleIndex(dataset), batch_sampler=sampler, num_workers=workers,
+        collate_fn=PackedCollate(collate) if workers else collate, generator=gen,
+        pin_memory=torch.cuda.is_available())
+    return Unpacked(loader) if workers else loader  # one shared-memory buffer per batch
 
 
 def _to_device(task: Task, engine, batch: dict) -> dict:
