@@ -6,8 +6,9 @@ this code must reproduce their per-iteration losses (rtol 1e-6) and final weight
 sums, rtol 1e-5) with threads pinned to 1. Checkpoints written by that commit
 (tests/assets/ckpt_pre_layout) must still resume exactly (the resumed steps equal the
 uninterrupted run recorded then) and convert to the consolidated format with every tensor intact.
-`MSR_GOLDEN_EXACT=1` demands bit-for-bit equality instead (true on the machine that recorded
-them: checked when the refactor landed).
+`MSR_GOLDEN_EXACT=1` demands bit-for-bit equality instead (true on the machines that recorded
+them: golden.json on the first session's machine, golden_amx.json on an AMX Xeon, 2026-12-02;
+on each, the code reproduces 7fd371d bit for bit). A run passes when it matches one machine's set.
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ from tests.integration.helpers import run_tool
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parent / "assets" / "ckpt_pre_layout"
-GOLDEN = json.loads((HERE / "golden.json").read_text())["runs"]
+# One golden set per machine type, each recorded from commit 7fd371d's code: fp32 CPU kernels
+# (oneDNN/MKL on AVX2, AVX-512, AMX) sum in different orders, so a tiny model's weights after a few
+# Adam steps differ between machine types by more than the tolerance (up to 2e-4 relative on
+# bias sums), while each machine reproduces 7fd371d bit for bit. A run must match one set.
+GOLDEN_SETS = {path.stem: json.loads(path.read_text())["runs"]
+               for path in sorted(HERE.glob("golden*.json"))}
+GOLDEN = GOLDEN_SETS["golden"]
 ASSET_META = json.loads((ASSETS / "assets.json").read_text())["assets"]
 
 
@@ -72,14 +79,25 @@ def _close(a: float, b: float, rtol: float, scale: float = 0.0) -> bool:
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_run_matches(golden_results, name):
     results, tmp = golden_results
-    want, got = GOLDEN[name], results[name]
+    sums = checksums(tmp / "save" / name)
+    failures = {}
+    for machine, runs in GOLDEN_SETS.items():
+        try:
+            _matches(runs[name], results[name], sums, name)
+            return
+        except AssertionError as e:
+            failures[machine] = e
+    raise AssertionError(f"{name} matches no golden set: "
+                         + "; ".join(f"{m}: {e}" for m, e in failures.items()))
+
+
+def _matches(want: dict, got: dict, sums: dict, name: str) -> None:
     assert set(got["losses"]) == set(want["losses"]), (got["losses"], want["losses"])
     for it, loss in want["losses"].items():
         assert _close(got["losses"][it], loss, 1e-6), (name, it, got["losses"][it], loss)
     assert set(got["valid"]) == set(want["valid"])
     for it, loss in want["valid"].items():
         assert _close(got["valid"][it], loss, 1e-6), (name, it, got["valid"][it], loss)
-    sums = checksums(tmp / "save" / name)
     assert set(sums) == set(want["checksums"]), sorted(set(sums) ^ set(want["checksums"]))
     for tensor, (total, abs_total) in want["checksums"].items():
         g_total, g_abs = sums[tensor]
