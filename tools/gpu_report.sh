@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# GPU report (under 5 minutes on one H100/H200). Report only: no pass/fail thresholds.
+# GPU report: a first hour on a GPU that checks itself (about 8 minutes on one H100/H200).
 #   1. CUDA checks (pytest -m gpu tests/gpu): bf16 grouped GEMM and the expert loop against an
-#      fp64 reference, no host sync in the single-GPU MoE layer, deterministic mode.
-#   2. tools/bench_moe.py in bf16 at GPT-2 small shapes (grouped expert compute, then the loop).
+#      fp64 reference, no host sync in the single-GPU MoE layer nor in a training micro-batch,
+#      deterministic mode; then tools/first_hour.py: fp32 losses here against the CPU losses
+#      recorded in the repository, bf16 drift against fp32, --deterministic repeats.
+#   2. tools/bench_moe.py in bf16 at GPT-2 small shapes (grouped expert compute, then the loop);
+#      tools/bench_train.py (framework step vs a bare loop; small MoE, GPT-2 small MoE bf16).
 #   3. Short GPT-2 small training runs (dense; MoE with 8 experts top-2 in every layer, self
-#      router, automatic expert compute; the same MoE with the per-expert loop; seq 1024, bf16,
-#      mock data): tokens/s and MFU of the last logged interval.
-# Everything lands in $OUT (8 files); summary.md is the table for docs/PERFORMANCE.md.
+#      router, automatic expert compute; the same MoE with the per-expert loop; dense and MoE
+#      with --compile; seq 1024, bf16, mock data): tokens/s and MFU of the last logged interval.
+# Pre-registered bounds print as PASS/FAIL (summary.md); the exit status is 1 when
+# a stage failed (a failed check is a result, not a failure of the script).
+# Everything lands in $OUT (8 files at most); summary.md is the table for docs/PERFORMANCE.md.
 #
 # Environment: PYTHON (./.venv/bin/python if present, else python3), OUT (runs/gpu_report),
 # ITERS (40), MBS (16), WHEELS (./.whl: *.whl there are installed into a private folder first,
@@ -96,58 +101,80 @@ else
 fi
 
 if [ "$SMOKE" = 1 ]; then
+  FIRST_HOUR=(--steps 5 --no-reference)
   BENCH=(--tokens 256 --hidden 64 --ffn 128 --reps 2 --imbalance 0.37 --dtype bf16)
+  BENCH_TRAIN=(--rounds 1 --steps 1 --warmup 1)
+  BENCH_TRAIN_BIG=(--shape small --rounds 1 --steps 1 --warmup 1)
   SHAPE=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
          --vocab-size 512 --peak-tflops 1)
+  COMPILE=(--compile --compile-backend aot_eager)  # inductor costs minutes on a CPU
 else
+  FIRST_HOUR=()
   BENCH=(--tokens 16384 --reps 10 --dtype bf16)
+  BENCH_TRAIN=()
+  BENCH_TRAIN_BIG=(--shape gpt2-small --rounds 3 --steps 3)
   SHAPE=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 1024
          --vocab-size 50257)
+  COMPILE=(--compile)
 fi
-: > "$OUT/bench_moe.log"
-run_stage "bench_moe, bf16, grouped expert compute (auto)" "$OUT/bench_moe.log" \
+# First-hour numerics (tools/first_hour.py): fp32 here vs the recorded CPU losses, bf16 drift,
+# --deterministic repeats; PASS/FAIL lines against its pre-registered bounds.
+run_stage "first-hour numerics" "$OUT/gpu_checks.log" \
+  "$PYTHON" tools/first_hour.py "${FIRST_HOUR[@]+"${FIRST_HOUR[@]}"}" --json "$OUT/first_hour.json"
+
+: > "$OUT/bench.log"
+run_stage "bench_moe, bf16, grouped expert compute (auto)" "$OUT/bench.log" \
   "$PYTHON" tools/bench_moe.py "${BENCH[@]}" --json "$OUT/bench_moe.json"
-run_stage "bench_moe, bf16, per-expert loop" "$OUT/bench_moe.log" \
+run_stage "bench_moe, bf16, per-expert loop" "$OUT/bench.log" \
   "$PYTHON" tools/bench_moe.py "${BENCH[@]}" --expert-compute loop --dispatchers alltoall
+run_stage "bench_train, small MoE" "$OUT/bench.log" "$PYTHON" tools/bench_train.py --moe \
+  "${BENCH_TRAIN[@]+"${BENCH_TRAIN[@]}"}" --json "$OUT/bench_train.json"
+run_stage "bench_train, GPT-2 small MoE, bf16" "$OUT/bench.log" "$PYTHON" tools/bench_train.py \
+  --moe "${BENCH_TRAIN_BIG[@]}" -- --bf16
 
 COMMON=("${SHAPE[@]}" --bf16 --mock-data --tokenizer-type NullTokenizer
         --micro-batch-size "$MBS" --train-iters "$ITERS" --log-interval 10
         --eval-interval 100000 --eval-iters 2 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 10)
-for variant in dense moe moe_loop; do
+MOE=(--num-experts 8 --moe-router-topk 2 --router-type self)
+: > "$OUT/train.log"
+for variant in dense moe moe_loop dense_compile moe_compile; do
   extra=()
   case "$variant" in
-    moe) extra=(--num-experts 8 --moe-router-topk 2 --router-type self) ;;
-    moe_loop) extra=(--num-experts 8 --moe-router-topk 2 --router-type self
-                     --moe-grouped-gemm loop) ;;
+    moe) extra=("${MOE[@]}") ;;
+    moe_loop) extra=("${MOE[@]}" --moe-grouped-gemm loop) ;;
+    dense_compile) extra=("${COMPILE[@]}") ;;
+    moe_compile) extra=("${MOE[@]}" "${COMPILE[@]}") ;;
   esac
-  : > "$OUT/train_$variant.log"
-  run_stage "GPT-2 small $variant, bf16" "$OUT/train_$variant.log" \
+  run_stage "train $variant" "$OUT/train.log" \
     "$PYTHON" pretrain_gpt.py "${COMMON[@]}" ${extra[@]+"${extra[@]}"}
 done
 
-# summary.md: the last logged interval of each run (the first interval includes warm-up).
-"$PYTHON" - "$OUT" <<'PY' | tee "$OUT/summary.md" || failed+=("summary (see above)")
+# summary.md: the last logged interval of each run (the first interval includes warm-up) and
+# every pre-registered check as PASS/FAIL.
+"$PYTHON" - "$OUT" "$SMOKE" <<'PY' | tee "$OUT/summary.md" || failed+=("summary (see above)")
 import json, re, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
 device = (out / "device.txt").read_text().strip().replace("\n", " | ")
 print(f"GPU report: {device}\n")
+NAMES = {"dense": "dense", "moe": "MoE 8x top-2, self", "moe_loop": "MoE, per-expert loop",
+         "dense_compile": "dense, --compile", "moe_compile": "MoE 8x top-2, self, --compile"}
+sections = re.split(r"^== train (\S+) ==$", (out / "train.log").read_text(), flags=re.M)
+logs = dict(zip(sections[1::2], sections[2::2]))
 print("| run | tokens/s | TFLOP/s per GPU | MFU |\n| --- | --- | --- | --- |")
 mfu = {}
-for v in ("dense", "moe", "moe_loop"):
-    lines = [l for l in (out / f"train_{v}.log").read_text().splitlines() if "tokens/s" in l]
+for v, name in NAMES.items():
+    lines = [l for l in logs.get(v, "").splitlines() if "tokens/s" in l]
     if not lines:
-        print(f"| {v} | no logged interval (see train_{v}.log) | | |")
+        print(f"| GPT-2 small {name} | no logged interval (see train.log) | | |")
         continue
     last = lines[-1]
     tps = re.search(r"tokens/s (\d+)", last).group(1)
     tfl = re.search(r"TFLOP/s/device ([0-9.]+)", last).group(1)
     m = re.search(r"MFU ([0-9.]+)%", last)
-    mfu[v] = float(m.group(1)) if m else None
-    name = {"dense": "dense", "moe": "MoE 8x top-2, self",
-            "moe_loop": "MoE, per-expert loop"}[v]
+    mfu[v] = float(m.group(1)) / 100 if m else None
     print(f"| GPT-2 small {name} | {tps} | {tfl} | {m.group(1) + '%' if m else 'n/a'} |")
-if mfu.get("dense") and mfu.get("moe"):
+if mfu.get("dense") and mfu.get("moe") is not None:
     print(f"\nMoE MFU / dense MFU: {mfu['moe'] / mfu['dense']:.2f}")
 bench = out / "bench_moe.json"
 if bench.exists():
@@ -157,6 +184,34 @@ if bench.exists():
     for r in rows:
         print(f"| {r['router']} | {r['dispatcher']} | {r['max_fraction']:.2f} | "
               f"{r['time_ratio_median']:.2f} | {r['memory_ratio']:.2f} |")
+
+# Pre-registered checks (bounds fixed before any GPU run; SMOKE: the script, not the numbers).
+checks = []
+def verdict(name, value, op, bound):
+    ok = value is not None and (value <= bound if op == "<=" else value >= bound)
+    checks.append({"check": name, "value": value, "bound": f"{op} {bound}", "pass": ok})
+first = out / "first_hour.json"
+if first.exists():
+    for name, c in json.loads(first.read_text())["checks"].items():
+        verdict(name, c["value"], "<=", c["bound"])
+else:
+    checks.append({"check": "first-hour numerics", "value": None, "bound": "ran", "pass": False})
+bt = out / "bench_train.json"
+verdict("bench_train small MoE: framework / bare loop (median)",
+        json.loads(bt.read_text())["ratio"] if bt.exists() else None, "<=", 1.05)
+verdict("MoE MFU (active FLOPs, dense bf16 peak)", mfu.get("moe"), ">=", 0.40)
+for v in ("dense", "moe"):
+    if mfu.get(v) and mfu.get(f"{v}_compile") is not None:
+        verdict(f"{v}: MFU with --compile / eager", mfu[f"{v}_compile"] / mfu[v], ">=", 1.0)
+    else:
+        verdict(f"{v}: MFU with --compile / eager", None, ">=", 1.0)
+print("\n| check | value | bound | verdict |\n| --- | --- | --- | --- |")
+for c in checks:
+    value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
+    print(f"| {c['check']} | {value} | {c['bound']} | {'PASS' if c['pass'] else 'FAIL'} |")
+passed = sum(c["pass"] for c in checks)
+print(f"\nchecks: {passed}/{len(checks)} pass" + (" (SMOKE: tiny shapes, the verdicts test the "
+      "script only)" if smoke else ""))
 PY
 if [ "${#failed[@]}" -gt 0 ]; then
   printf 'failed stage: %s\n' "${failed[@]}" | tee -a "$OUT/summary.md"
