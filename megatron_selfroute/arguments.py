@@ -259,7 +259,7 @@ def validate(cfg: Config, world_size: Optional[int] = 1) -> None:
     if tr.eval_every_tokens is not None and tr.eval_every_tokens < 1:
         raise ConfigError(f"--eval-every-tokens must be >= 1, got {tr.eval_every_tokens}")
     _validate_moe(cfg)
-    check_tensor_degree(cfg.parallel.tensor_model_parallel_size)
+    check_tensor_degree(cfg, cfg.parallel.tensor_model_parallel_size)
     if world_size is not None:
         ParallelLayout.from_config(cfg, world_size, rank=0)  # validates the degrees
 

@@ -39,6 +39,15 @@ from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
 from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
 from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.parallel.tensor_parallel import (
+    VocabParallelEmbedding,
+    _param,
+    apply_tensor_parallel,
+    copy_to_tp,
+    full_shape,
+    gather_last_dim,
+    shard_full_tensor,
+)
 from megatron_selfroute.seeding import mix_seed
 
 
@@ -75,6 +84,7 @@ class GPTModel(nn.Module):
         for block in blocks:
             block.set_recompute(self.recompute.modules)
         self.ce_chunk = m.cross_entropy_chunk_size
+        self.tp_group, self.vocab_start = None, 0  # set_tensor_parallel
         if init:
             parallelize_gpt(self, ParallelLayout.single(cfg))
 
@@ -99,7 +109,9 @@ class GPTModel(nn.Module):
                     s = out_std if name.endswith("c_proj.weight") else std
                     gen = torch.Generator().manual_seed(
                         mix_seed(seed, zlib.crc32(canonical.encode())))
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+                    # the full tensor, then this rank's shard (the tensor itself at TP = 1)
+                    full = torch.randn(full_shape(p), generator=gen, dtype=torch.float32) * s
+                    p.copy_(shard_full_tensor(p, full))
 
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -116,6 +128,8 @@ class GPTModel(nn.Module):
         x, aux = recompute.run_blocks(self.transformer.h, x, attention_mask, ctx, self.recompute,
                                       self.training)
         x = self.transformer.ln_f(x)
+        if self.tp_group is not None:  # vocabulary-parallel output layer: logits never gathered
+            return self._tp_output(x, labels, aux)
         if labels is not None and self.ce_chunk:  # never holds the [tokens, vocab] logits
             loss = linear_cross_entropy(x.reshape(b * s, -1), self.lm_head.weight,
                                         labels.reshape(-1), self.vocab_size, self.ce_chunk)
@@ -126,6 +140,31 @@ class GPTModel(nn.Module):
         loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), labels.reshape(-1),
                                reduction="none").view(b, s)
         return GPTOutput(None, loss, aux)
+
+    def set_tensor_parallel(self, group, tp: int, rank: int) -> None:
+        """Vocabulary-parallel token embedding and output layer over `group` (called by
+        `apply_tensor_parallel`, before initialisation)."""
+        m = self.cfg.model
+        wte = VocabParallelEmbedding(self.transformer.wte, group, tp, rank)
+        self.transformer.wte = wte
+        if m.untie_embeddings_and_output_weights:
+            head = nn.Linear(1, 1, bias=False)  # a holder with the one-device module name
+            head.weight = _param(self.lm_head.weight, lambda w: w[wte.start:wte.end], 0)
+            self.lm_head = head
+        else:
+            self.lm_head.weight = wte.weight
+        self.tp_group, self.vocab_start = group, wte.start
+
+    def _tp_output(self, x: Tensor, labels: Optional[Tensor], aux: Tensor) -> GPTOutput:
+        b, s = x.shape[:2]
+        x = copy_to_tp(x, self.tp_group)
+        if labels is None:  # evaluation and generation: the logits gathered over the vocabulary
+            logits = gather_last_dim(self.lm_head(x), self.tp_group)[..., : self.vocab_size]
+            return GPTOutput(logits, None, aux)
+        loss = linear_cross_entropy(x.reshape(b * s, -1), self.lm_head.weight,
+                                    labels.reshape(-1), self.vocab_size,
+                                    self.ce_chunk or b * s, tp=(self.tp_group, self.vocab_start))
+        return GPTOutput(None, loss.view(b, s), aux)
 
     def routing_counts(self) -> tuple[Tensor, Tensor]:
         """Last forward's routes per expert [L_moe, E] and dropped routes [L_moe] (int64)."""
@@ -158,6 +197,7 @@ def parallelize_gpt(model: GPTModel, layout: ParallelLayout, init: bool = True) 
     rank's experts, wire the expert-parallel groups, then (unless `init` is False, for a model
     whose weights are loaded next) initialise every weight from (seed, name, global expert id)."""
     apply_expert_parallel(model, layout)
+    apply_tensor_parallel(model, layout)
     if init:
         model.init_weights(model.cfg.train.seed)
     return model

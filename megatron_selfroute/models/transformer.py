@@ -52,9 +52,12 @@ class SelfAttention(nn.Module):
         self.recompute_core = False  # selective recompute of softmax(QK^T)V (models/recompute)
 
     def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        b, s, d = x_BSD.shape
-        q, k, v = self.c_attn(x_BSD).split(d, dim=2)
-        # [B, S, D] -> [B, heads, S, D/heads]
+        b, s, _ = x_BSD.shape
+        # d: this rank's width (all heads on one device; H/T heads under tensor parallelism)
+        qkv = self.c_attn(x_BSD)
+        d = qkv.shape[-1] // 3
+        q, k, v = qkv.split(d, dim=2)
+        # [B, S, d] -> [B, heads, S, d/heads]
         q, k, v = (t.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for t in (q, k, v))
         y = maybe_checkpoint(self.recompute_core and self.training, self._core, q, k, v,

@@ -58,6 +58,7 @@ class MoELayer(EngineMoE):
         self.last_tokens_per_expert: Optional[Tensor] = None
         self.last_dropped: Optional[Tensor] = None
         self.last_ids: Optional[Tensor] = None  # [T, K] expert ids of the last forward
+        self.tp_group = None  # set_tensor_parallel
 
     @property
     def experts(self) -> Experts:
@@ -93,6 +94,19 @@ class MoELayer(EngineMoE):
                                  device)
         self.dispatcher.wire(self.experts, ep_group, ep_size)
 
+    def set_tensor_parallel(self, group) -> None:
+        """Route, dispatch and compute 1/T of the tokens on each rank of the tensor group (the
+        tokens entering the layer are the same on all T ranks), then gather the outputs. The
+        router's weights are replicated but see 1/T of the tokens: their gradients are summed
+        over the group as they are made (a hook, before any ZeRO bucket takes them); the
+        experts' are summed by the engine, whose expert-data group spans the tensor group."""
+        from megatron_selfroute.parallel.tensor_parallel import tp_sum_hook
+
+        self.tp_group = group
+        self.router.tp_group = group
+        for p in self.router.parameters():
+            p.register_hook(tp_sum_hook(group))
+
     def reset_experts(self, seed: int, std: float) -> None:
         """N(0, std) weights and zero biases for this rank's experts, drawn from
         (seed, layer, global expert id): for a layer used on its own (benchmarks, tests); models
@@ -112,9 +126,37 @@ class MoELayer(EngineMoE):
         """[..., D] -> ([..., D] output, fp32 router loss (aux + z))."""
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, shape[-1])
-        routing = self.router(x_TD, (ctx or RoutingContext()).flat())
-        self.last_tokens_per_expert = routing.tokens_per_expert_E.detach()
-        self.last_dropped = routing.dropped.detach()
-        self.last_ids = routing.ids_TK.detach()
+        flat = (ctx or RoutingContext()).flat()
+        group = self.tp_group
+        if group is not None:
+            x_TD, flat = self._own_tokens(x_TD, flat)
+        routing = self.router(x_TD, flat)
+        counts, dropped = routing.tokens_per_expert_E.detach(), routing.dropped.detach()
+        ids = routing.ids_TK.detach()
+        if group is not None:  # statistics of every token of the tensor group
+            from megatron_selfroute.parallel.tensor_parallel import _gather_rows
+
+            both = torch.cat([counts, dropped.reshape(1)])
+            dist.all_reduce(both, group=group)
+            counts, dropped, ids = both[:-1], both[-1], _gather_rows(ids, group)
+        self.last_tokens_per_expert, self.last_dropped, self.last_ids = counts, dropped, ids
         y_TD = self.dispatcher(x_TD, routing, self.experts)
+        if group is not None:
+            from megatron_selfroute.parallel.tensor_parallel import gather_from_tp
+
+            y_TD = gather_from_tp(y_TD, group)
         return y_TD.view(shape), routing.aux_loss + routing.z_loss
+
+    def _own_tokens(self, x_TD: Tensor, flat: RoutingContext) -> tuple[Tensor, RoutingContext]:
+        """This tensor-parallel rank's contiguous 1/T of the tokens, with their global token
+        index (the random router hashes it: the same decision as in one process) and ids."""
+        from megatron_selfroute.parallel.tensor_parallel import _own_rows, split_to_tp
+
+        group = self.tp_group
+        index = flat.token_index
+        if index is None:
+            index = torch.arange(x_TD.shape[0], device=x_TD.device)
+        ids = flat.token_ids
+        return split_to_tp(x_TD, group), RoutingContext(
+            _own_rows(index, group), None if ids is None else _own_rows(ids, group),
+            flat.iteration)

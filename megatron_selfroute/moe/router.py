@@ -130,6 +130,9 @@ class Router(nn.Module):
         self.drop_policy = cfg.moe_token_drop_policy
         self.aux_loss_coeff = cfg.moe_aux_loss_coeff
         self.z_loss_coeff = cfg.moe_z_loss_coeff
+        # Tensor parallelism: this router sees 1/T of the tokens; its losses are those of all T
+        # slices (MoELayer.set_tensor_parallel).
+        self.tp_group = None
         self.score_function = cfg.moe_router_score_function
         self.hidden_size = hidden_size
         self.layer_number = layer_number
@@ -205,6 +208,9 @@ class Router(nn.Module):
             probs_TK = probs_TK * keep_TK
             dropped = (~keep_TK).sum()
         zero = probs_TK.new_zeros((), dtype=torch.float32)
+        if self.tp_group is not None:
+            return RouterOutput(probs_TK, ids_TK, keep_TK, tokens_per_expert_E, dropped,
+                                *self._tp_losses(logits_TE, tokens_per_expert_E, zero))
         aux = zero
         if self.aux_loss_coeff > 0:
             if self.score_function == "sigmoid":
@@ -218,6 +224,34 @@ class Router(nn.Module):
         if self.z_loss_coeff > 0:
             z = self.z_loss_coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
         return RouterOutput(probs_TK, ids_TK, keep_TK, tokens_per_expert_E, dropped, aux, z)
+
+    def _tp_losses(self, logits_TE: Optional[Tensor], counts_E: Tensor, zero: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+        """The aux and z losses over every token of the tensor group: counts and the sums of
+        probabilities and of squared log-sum-exps all-reduced (the sums differentiably, as a
+        replicated value's partial sums), divided by the group's token count."""
+        import torch.distributed as dist
+
+        from megatron_selfroute.parallel.tensor_parallel import reduce_from_tp
+
+        group = self.tp_group
+        n_all = logits_TE.shape[0] * dist.get_world_size(group) if logits_TE is not None else 0
+        aux = z = zero
+        if self.aux_loss_coeff > 0:
+            if self.score_function == "sigmoid":
+                scores_TE = torch.sigmoid(logits_TE)
+                full_probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+            else:
+                full_probs_TE = torch.softmax(logits_TE, dim=-1)
+            counts = counts_E.clone()
+            dist.all_reduce(counts, group=group)
+            frac_E = counts.to(logits_TE.dtype) / (n_all * self.topk)
+            mean_probs_E = reduce_from_tp(full_probs_TE.sum(0), group) / n_all
+            aux = self.aux_loss_coeff * self.num_experts * (frac_E * mean_probs_E).sum()
+        if self.z_loss_coeff > 0:
+            sq = torch.logsumexp(logits_TE, dim=-1).square().sum()
+            z = self.z_loss_coeff * reduce_from_tp(sq, group) / n_all
+        return aux, z
 
     def capacity(self, num_tokens: int) -> int:
         """Routes each expert may take from this batch: ceil(T k / E x factor)."""

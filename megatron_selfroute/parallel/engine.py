@@ -109,7 +109,11 @@ def deepspeed_config(cfg: Config, layout: ParallelLayout, extra: Optional[dict] 
 
 
 def _own_clipping(cfg: Config) -> bool:
-    return cfg.parallel.zero_stage == 0 and not (cfg.train.bf16 or cfg.train.fp16)
+    """ZeRO-0 clips with `clip_gradients_stage0`, fp32 and bf16 alike. DeepSpeed's bf16 wrapper
+    at ZeRO-0 (`FP16_UnfusedOptimizer`) leaves expert gradients out of its norm and, under tensor
+    parallelism, reads the model-parallel tag off the gradient tensors (which have none), so it
+    counted only TP rank 0's shards. fp16 keeps DeepSpeed's (its loss scaler unscales first)."""
+    return cfg.parallel.zero_stage == 0 and not cfg.train.fp16
 
 
 def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
@@ -139,7 +143,15 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
         return norms.square().sum()
 
-    dense = sq_sum(groups[False])
+    if layout.tp > 1:  # a shard's square on every TP rank, a replicated parameter's once
+        from megatron_selfroute.parallel.tensor_parallel import is_tp_sharded
+
+        sharded = [p.grad.detach() for p in params if not is_moe_param(p) and is_tp_sharded(p)]
+        replicated = [p.grad.detach() for p in params
+                      if not is_moe_param(p) and not is_tp_sharded(p)]
+        dense = sq_sum(replicated) + all_reduce_small(sq_sum(sharded), group=layout.tp_group)
+    else:
+        dense = sq_sum(groups[False])
     if groups[True]:  # each expert once: summed over the expert-parallel group
         dense = dense + all_reduce_small(sq_sum(groups[True]), group=layout.ep_group)
     norm = dense.sqrt().item()
@@ -218,6 +230,19 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
+def _count_expert_partitions_on_every_tp_rank(model: torch.nn.Module) -> None:
+    """ZeRO-1/2 partition each expert group's flat buffer over its expert-data group, which
+    spans the tensor group (layout.edp_groups), so every rank holds a disjoint piece; DeepSpeed's
+    ZeRO norm counts a parameter's piece on TP rank != 0 only when it is tagged model-parallel
+    (it sums over the data-parallel group, then the tensor group): tag the experts so each piece
+    counts once. Dense replicated parameters stay untagged (counted on TP rank 0)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    for p in model.parameters():
+        if is_moe_param(p):
+            p.tensor_model_parallel = True
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
                  extra_ds: Optional[dict] = None):
     """deepspeed.initialize with torch's fused AdamW (not DeepSpeed's JIT-built FusedAdam) and
@@ -226,6 +251,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
     import deepspeed
 
     tr = cfg.train
+    if layout.tp > 1 and cfg.parallel.zero_stage >= 1:
+        _count_expert_partitions_on_every_tp_rank(model)
     groups = optimizer_param_groups(model, tr.weight_decay)
     # fused: one kernel per step on CUDA and on CPU (4x faster than foreach on CPU, measured).
     opt = torch.optim.AdamW(groups, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2),

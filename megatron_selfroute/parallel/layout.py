@@ -14,7 +14,11 @@ EDP = DP / EP. Rank order, Megatron core's default tp-cp-ep-dp-pp without cp and
     tensor-parallel group   [d*TP + t for t < TP]            (fixed d)
     data-parallel group     [d*TP + t for d < DP]            (fixed t)
     expert-parallel group   EP consecutive members of a data-parallel group
-    expert-data group       the data-parallel members with the same expert-parallel rank
+    expert-data group       every rank with the same expert-parallel rank: its EDP data-parallel
+                            replicas and, with TP > 1, their T tensor-parallel peers (experts
+                            are whole on each rank and each TP rank routes 1/T of the tokens,
+                            so one reduction over these T x EDP ranks sums both; Megatron core's
+                            MoE "parallel folding" with expert-TP 1 groups them the same way)
 
 With TP = 1: expert-parallel groups are EP consecutive ranks ([0..EP-1], [EP..2EP-1], ...) and
 each expert is replicated over the DP / EP ranks that share an expert-parallel rank. This is the
@@ -129,11 +133,36 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: float = 10.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
-def check_tensor_degree(tp: int) -> None:
-    """The tensor degree is carried everywhere, but the sharded layers are not written yet."""
-    if tp != 1:
-        raise ConfigError(f"--tensor-model-parallel-size {tp}: tensor parallelism is not "
-                          "implemented yet (use 1)")
+def check_tensor_degree(cfg: Config, tp: int) -> None:
+    """What --tensor-model-parallel-size T needs of the model: heads, FFN sizes and the padded
+    vocabulary divisible by T (the vocabulary is not re-padded per T, so a checkpoint's tensors
+    keep one shape across layouts), and, with MoE, each micro-batch's tokens split T ways."""
+    if tp < 1:
+        raise ConfigError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    if tp == 1:
+        return
+    m, moe, flag = cfg.model, cfg.moe, f"--tensor-model-parallel-size {tp}"
+    if m.num_attention_heads % tp:
+        raise ConfigError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                          f"{flag}")
+    if m.ffn_size % tp:
+        raise ConfigError(f"the FFN size {m.ffn_size} (--ffn-hidden-size) is not divisible by "
+                          f"{flag}")
+    shared = moe.moe_shared_expert_intermediate_size or 0
+    if moe.is_moe and shared % tp:
+        raise ConfigError(f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
+                          f"{flag}")
+    if m.vocab_size and m.padded_vocab_size % tp:
+        raise ConfigError(f"the padded vocabulary {m.padded_vocab_size} (--vocab-size / "
+                          f"--make-vocab-size-divisible-by) is not divisible by {flag}")
+    if moe.is_moe and m.vocab_size:  # GPT (a ViT checks its patch count at its first forward)
+        tokens = cfg.train.micro_batch_size * m.seq_length
+        if tokens % tp:
+            raise ConfigError(f"{tokens} tokens per micro-batch (--micro-batch-size x sequence) "
+                              f"do not split over {flag} (each TP rank routes 1/T of them)")
+        if moe.moe_expert_capacity_factor is not None:
+            raise ConfigError(f"--moe-expert-capacity-factor with {flag}: token dropping is "
+                              "decided per rank's token slice (not supported; run dropless)")
 
 
 @dataclass
@@ -189,7 +218,7 @@ class ParallelLayout:
         if t < 1 or w % t:
             raise ConfigError(f"--tensor-model-parallel-size {t} does not divide the {w} "
                               "processes")
-        check_tensor_degree(t)
+        check_tensor_degree(cfg, t)
         if e < 1 or self.dp % e:
             raise ConfigError(f"--expert-model-parallel-size {e} does not divide the {self.dp} "
                               "data-parallel processes")
@@ -244,7 +273,8 @@ class ParallelLayout:
 
     @property
     def edp_rank(self) -> int:
-        return self.dp_rank // self.ep
+        """Index in the expert-data group (which, with TP, also spans the tensor group)."""
+        return (self.dp_rank // self.ep) * self.tp + self.tp_rank
 
     @property
     def expert_group_name(self) -> str:
@@ -271,7 +301,13 @@ class ParallelLayout:
         return [g[i:i + self.ep] for g in self.dp_groups() for i in range(0, self.dp, self.ep)]
 
     def edp_groups(self) -> list[list[int]]:
-        return [g[j::self.ep] for g in self.dp_groups() for j in range(self.ep)]
+        """Every rank that holds expert-parallel rank j's experts: its expert-data replicas and,
+        with TP, their tensor-parallel peers (each routes 1/T of the tokens, so one engine
+        reduction over this group sums the T token slices and the replicas alike)."""
+        if self.tp == 1:
+            return [g[j::self.ep] for g in self.dp_groups() for j in range(self.ep)]
+        return [[r for r in range(self.world_size) if (r // self.tp) % self.ep == j]
+                for j in range(self.ep)]
 
     def describe(self) -> dict:
         """Degrees as a plain dict (logged and saved with checkpoints)."""

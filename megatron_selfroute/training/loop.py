@@ -470,6 +470,7 @@ class Trainer:
         grad_norm = step.own_norm if self.engine.own_clipping else (
             self.engine.get_global_grad_norm())
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.result.grad_norms[state.iteration] = grad_norm
         tflops = self.task.flops_per_sample(self.cfg) * gbs / per_iter / 1e12
         tflops /= self.layout.world_size
         tokens = self.task.tokens_per_sample(self.cfg) * gbs / per_iter

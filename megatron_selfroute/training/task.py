@@ -51,5 +51,6 @@ class RunResult:
     iteration: int
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> lm loss
     valid_losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # logged iterations
     exit_reason: str = "done"
     missed_saves: list[int] = field(default_factory=list)  # iterations whose save failed

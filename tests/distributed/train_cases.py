@@ -20,6 +20,7 @@ def run(argv: list[str]) -> dict:
 
     result = pretrain_gpt.main(TINY + argv)
     return {"losses": {str(k): v for k, v in result.losses.items()},
+            "grad_norms": {str(k): v for k, v in result.grad_norms.items()},
             "exit": result.exit_reason, "iteration": result.iteration}
 
 

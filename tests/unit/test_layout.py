@@ -17,7 +17,19 @@ def test_rank_lists_match_deepspeed(world, tp, ep):
     ep_groups, edp_groups = _get_expert_parallel_ranks(world, tp, ep)
     layout = ParallelLayout(world_size=world, tp=tp, ep=ep, moe=True)
     assert sorted(map(list, ep_groups)) == sorted(layout.ep_groups())
-    assert sorted(map(list, edp_groups)) == sorted(layout.edp_groups())
+    if tp == 1:
+        assert sorted(map(list, edp_groups)) == sorted(layout.edp_groups())
+    else:  # DeepSpeed keeps each TP rank apart; here the group is every holder of the experts
+        for tp_rank in range(tp):
+            ds = sorted(g for g in map(list, edp_groups) if g[0] % tp == tp_rank)
+            ours = sorted([r for r in g if r % tp == tp_rank] for g in layout.edp_groups())
+            assert ds == ours
+    holders = {}
+    for r in range(world):
+        experts = tuple(ParallelLayout(world_size=world, rank=r, tp=tp, ep=ep,
+                                       moe=True).local_experts(8 * ep))
+        holders.setdefault(experts, []).append(r)
+    assert sorted(holders.values()) == sorted(layout.edp_groups())
     # every group family partitions the world
     for fam in (layout.tp_groups(), layout.dp_groups(), layout.ep_groups(), layout.edp_groups()):
         assert sorted(itertools.chain(*fam)) == list(range(world))
@@ -37,7 +49,7 @@ def test_per_rank_coordinates_agree_with_the_groups():
         assert ep_g.index(rank) == lay.ep_rank and edp_g.index(rank) == lay.edp_rank
         assert lay.get_data_parallel_group_ranks() == dp_g
         assert lay.get_tensor_model_parallel_src_rank() == tp_g[0]
-        assert (lay.dp, lay.edp) == (8, 2)
+        assert (lay.dp, lay.edp, len(edp_g)) == (8, 2, 4)
         # this rank's experts are a contiguous block indexed by its expert-parallel rank
         assert list(lay.local_experts(8)) == [2 * lay.ep_rank, 2 * lay.ep_rank + 1]
 
@@ -74,13 +86,43 @@ def test_valid_layouts_and_describe():
     assert str(lay) == "world 8 = TP 1 x DP 8; EP 4 x expert-DP 2"
 
 
-def test_tensor_parallel_degree_is_carried_but_only_one_is_implemented():
+def test_tensor_parallel_rules_name_the_flags():
     from megatron_selfroute.arguments import validate
 
-    cfg = _cfg()
-    cfg.parallel.tensor_model_parallel_size = 2
-    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 2: tensor parallelism "
-                                          "is not implemented yet"):
+    def tp_cfg(**kw):
+        cfg = _cfg(experts=kw.pop("experts", 8))
+        cfg.parallel.tensor_model_parallel_size = kw.pop("tp", 2)
+        cfg.model.num_attention_heads = kw.pop("heads", 4)
+        cfg.model.hidden_size = 96
+        cfg.model.vocab_size = kw.pop("vocab", 50257)
+        cfg.model.make_vocab_size_divisible_by = kw.pop("div", 128)
+        for k, v in kw.items():
+            setattr(cfg.moe if k.startswith("moe") else cfg.train, k, v)
+        return cfg
+
+    validate(tp_cfg(), 4)  # 50,257 pads to 50,304 = 2^7 x 3 x 131: T = 2 divides it
+    odd = tp_cfg(micro_batch_size=1)
+    odd.model.seq_length = 7
+    with pytest.raises(ConfigError, match="7 tokens per micro-batch"):
+        validate(odd, 4)
+    cases = [(tp_cfg(heads=4, tp=8), 8, "--num-attention-heads 4 is not divisible by "
+              "--tensor-model-parallel-size 8"),
+             (tp_cfg(tp=2, div=1, vocab=127), 4, "the padded vocabulary 127"),
+             (tp_cfg(micro_batch_size=1, tp=4), 4, None),
+             (tp_cfg(moe_expert_capacity_factor=1.0), 4, "--moe-expert-capacity-factor with "
+              "--tensor-model-parallel-size 2")]
+    for cfg, world, needle in cases:
+        if needle is None:
+            validate(cfg, world)
+            continue
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+            validate(cfg, world)
+    with pytest.raises(ConfigError, match="does not divide the 6 processes"):
+        validate(tp_cfg(tp=4), 6)
+    with pytest.raises(ConfigError, match="--expert-model-parallel-size 4 does not divide the 2 "
+                                          "data-parallel processes"):
+        cfg = tp_cfg()
+        cfg.parallel.expert_model_parallel_size = 4
         validate(cfg, 4)
 
 
@@ -112,10 +154,9 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
-def test_tensor_degree_comes_from_the_config_and_is_refused_by_the_layout():
+def test_tensor_degree_comes_from_the_config():
     cfg = _cfg()
     cfg.parallel.tensor_model_parallel_size = 2
-    lay = ParallelLayout.from_config(cfg, world_size=4, rank=0, check=False)
-    assert (lay.tp, lay.dp) == (2, 2)
-    with pytest.raises(ConfigError, match="tensor parallelism is not implemented yet"):
-        lay.validate(cfg)
+    lay = ParallelLayout.from_config(cfg, world_size=4, rank=3, check=False)
+    assert (lay.tp, lay.dp, lay.tp_rank, lay.dp_rank) == (2, 2, 1, 1)
+    lay.validate(cfg)
