@@ -12,8 +12,6 @@ by step (fp32, dropout 0), with a clipping bound that binds.
 """
 import math
 
-import pytest
-
 from tests.distributed.harness import check, spawn
 from tests.distributed.train_cases import run_layout
 
