@@ -61,10 +61,19 @@ class SafeCheckpointEngine:
     partial file removed, and the rank goes on with DeepSpeed's collectives: the save's verdict
     is taken over all ranks afterwards)."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, expert_writers: int = 1) -> None:
         self._inner = inner
         self.failures: list[str] = []
         self._fault = None
+        self.expert_writers = expert_writers
+
+    def is_data_parallel_writer(self, rank: int) -> bool:
+        """DeepSpeed asks this, at save time, with a rank's expert-data rank: only writers save
+        the MoE model's files (model states, expert files, ZeRO-0 optimizer states). With tensor
+        parallelism the expert-data group spans the TP group (ranks 0..T-1 of it are the first
+        replica's T tensor-parallel ranks), and each of those must write its own mp_rank files:
+        T writers. (DeepSpeed's engine-init use of this method saw the inner engine.)"""
+        return rank < self.expert_writers
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)

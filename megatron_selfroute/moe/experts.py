@@ -32,6 +32,10 @@ class Experts(DeepSpeedExperts):
         super().__init__(prototype.to("meta"), num_experts, group_name)
         self.num_experts = num_experts
         self.first_expert = 0  # global id of local expert 0
+        # Run every expert, also on zero rows (tensor parallelism): every rank of the expert-data
+        # group then makes every expert's gradient, so ZeRO's gradient buckets fill in the same
+        # order on all of them, interleaved identically with the router's TP gradient sum.
+        self.every_expert = False
 
     @property
     def is_materialized(self) -> bool:
@@ -68,7 +72,7 @@ class Experts(DeepSpeedExperts):
             counts = counts.tolist()
         outs = []
         for expert, rows in zip(experts, torch.split(x_RD, counts), strict=True):
-            outs.append(expert(rows) if rows.shape[0] else rows)
+            outs.append(expert(rows) if rows.shape[0] or self.every_expert else rows)
         return torch.cat(outs) if outs else x_RD
 
     def _grouped(self, x_RD: Tensor, counts: Tensor | list[int]) -> Tensor:

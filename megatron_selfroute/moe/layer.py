@@ -104,6 +104,7 @@ class MoELayer(EngineMoE):
 
         self.tp_group = group
         self.router.tp_group = group
+        self.experts.every_expert = True
         for p in self.router.parameters():
             p.register_hook(tp_sum_hook(group))
 

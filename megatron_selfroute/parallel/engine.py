@@ -260,7 +260,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                            config=deepspeed_config(cfg, layout, extra_ds),
                                            mpu=layout, dist_init_required=False)
-    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)  # safe loads
+    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine,  # safe loads
+                                                    expert_writers=layout.tp)
     engine.own_clipping = _own_clipping(cfg)
     if cfg.parallel.zero_stage == 0 and layout.world_size == 1:
         # One process: DeepSpeed's ZeRO-0 gradient "all-reduce" would still flatten every

@@ -359,6 +359,15 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
         raise CheckpointError(f"{path}/{RUN_STATE}: not a checkpoint of this project ({e})"
                               ) from None
     check_compatible(run_state["config"], cfg, path)
+    saved_tp = run_state.get("layout", {}).get("tp", 1)  # older checkpoints: no TP
+    if saved_tp != layout.tp:
+        was = run_state.get("layout", {})
+        raise CheckpointError(
+            f"{path} was saved in layout TP {saved_tp} x DP {was.get('dp', '?')} (EP "
+            f"{was.get('ep', '?')}), this run is TP {layout.tp} x DP {layout.dp} (EP "
+            f"{layout.ep}): tensor-parallel shards do not load into another TP degree "
+            f"(resume with --tensor-model-parallel-size {saved_tp}; converting between TP "
+            "degrees is not implemented yet)")
     for key, new in (shape_config or {}).items():
         old = run_state.get("shape_config", {}).get(key)
         if old != new:

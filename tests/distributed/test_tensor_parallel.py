@@ -83,3 +83,51 @@ def test_tp2_training_equals_one_process(tmp_path):
                                           for a in runs.values()])
     for name, want, got in zip(runs, ref, tp, strict=True):
         _same_run(name, want, got)
+
+
+def test_tp2_ep2_on_four_processes_equals_one_process(tmp_path):
+    """TP = 2 x EP = 2 x DP 2 on 4 processes (expert all-to-all inside each TP plane, the
+    expert-data group spanning TP) with gradient accumulation 2: the one-process run's losses
+    and gradient norms, ZeRO 1 and 2."""
+    base = ENGINE + ["--router-type", "learned", "--global-batch-size", "8",
+                     "--moe-aux-loss-coeff", "1e-2", "--moe-z-loss-coeff", "1e-3"]
+    runs = {"zero1": base + ["--zero-stage", "1"], "zero2": base + ["--zero-stage", "2"]}
+    ref = run_layout(tmp_path / "one", 1, list(runs.values()))
+    four = run_layout(tmp_path / "tp2ep2", 4, [a + ["--tensor-model-parallel-size", "2",
+                                                    "--expert-model-parallel-size", "2"]
+                                               for a in runs.values()])
+    for name, want, got in zip(runs, ref, four, strict=True):
+        _same_run(name, want, got)
+
+
+def test_tp2_moe_resumes_exactly_and_another_layout_is_refused(tmp_path):
+    """A TP = 2 MoE run saved at step 2 and resumed gives the straight run's steps 3 and 4
+    exactly (ZeRO 0 and 2: expert files are read from TP rank 0's, the only writer), and
+    loading it with TP = 1 on the same 2 processes is one line naming both layouts."""
+    from tests.distributed.harness import spawn
+
+    base = ENGINE + ["--router-type", "learned", "--global-batch-size", "4",
+                     "--tensor-model-parallel-size", "2"]
+    argvs, names = [], []
+    for zero in ("0", "2"):
+        run = base + ["--zero-stage", zero]
+        ck = str(tmp_path / f"ck{zero}")
+        argvs += [run, run + ["--save", ck, "--save-interval", "2", "--exit-interval", "2"],
+                  run + ["--load", ck, "--save", ck]]
+        names += [f"straight{zero}", f"first{zero}", f"resumed{zero}"]
+    wrong = base[:-2]  # the same run without --tensor-model-parallel-size 2
+    argvs.append(wrong + ["--load", str(tmp_path / "ck0"), "--save", str(tmp_path / "ck0")])
+    names.append("wrong_layout")
+    env = {f"MSR_ARGV{i}": "\x1f".join(a) for i, a in enumerate(argvs)}
+    res = spawn(2, "tests.distributed.train_cases", [f"argv{i}" for i in range(len(argvs))],
+                tmp_path / "runs", env=env, timeout=600)
+    by = {n: res[f"argv{i}"] for i, n in enumerate(names)}
+    for zero in ("0", "2"):
+        straight, resumed = by[f"straight{zero}"][0], by[f"resumed{zero}"][0]
+        assert "error" not in resumed, resumed
+        assert sorted(resumed["losses"], key=int) == ["3", "4"]
+        for it in ("3", "4"):
+            assert resumed["losses"][it] == straight["losses"][it], (zero, resumed, straight)
+    for r in by["wrong_layout"]:
+        err = r.get("error", "").strip().splitlines()[-1]
+        assert "was saved in layout TP 2 x DP 1 (EP 1), this run is TP 1 x DP 2 (EP 1)" in err, err
