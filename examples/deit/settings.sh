@@ -10,7 +10,7 @@
 # (router flags make the model the MoE of DEIT_MOE; none = dense).
 # Environment: DATA (ImageNet root with train/ and val/) or HF_DATASET (e.g. imagenet-1k),
 # OUT (default runs/deit-ROW), NGPUS (default: visible GPUs, else 1), GLOBAL_BATCH, MICRO_BATCH,
-# EP (expert-parallel size), BF16 (default 1; 0 = fp32, e.g. on CPU), DRY_RUN=1 (print the exact
+# EP (expert-parallel size), TP (tensor-parallel size, default 1), BF16 (default 1; 0 = fp32, e.g. on CPU), DRY_RUN=1 (print the exact
 # command instead of running it).
 
 DEIT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -61,6 +61,13 @@ deit_run() {
     echo "error: GLOBAL_BATCH $global is not a multiple of MICRO_BATCH $micro x $gpus GPUs" >&2
     return 2
   fi
+  local tp="${TP:-1}"
+  local -a tp_args=()
+  if ! [[ "$tp" =~ ^[1-9][0-9]*$ ]] || [ $(( gpus % tp )) -ne 0 ]; then
+    echo "error: TP=$tp must be a positive divisor of the $gpus GPUs" >&2
+    return 2
+  fi
+  if [ "$tp" -gt 1 ]; then tp_args=(--tensor-model-parallel-size "$tp"); fi
   local -a precision=()
   if [ "${BF16:-1}" = 1 ]; then precision=(--bf16); fi  # [project] bf16 (DeiT: AMP fp16)
   local out="${OUT:-$DEIT_ROOT/runs/deit-$row}"
@@ -80,9 +87,11 @@ deit_run() {
     --batch-size "$micro" --global-batch-size "$global"
     --expert-model-parallel-size "$ep"
     "${precision[@]}"
+    "${tp_args[@]}"
     --save "$out/checkpoints" --load "$out/checkpoints" --tensorboard-dir "$out/tensorboard"
     "${extra[@]}")
   if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "# layout: world $gpus = TP $tp x DP $(( gpus / tp )); EP $ep" >&2
     printf '%q ' "${cmd[@]}"
     printf '\n'
     return 0

@@ -21,8 +21,11 @@
 #   OUT_DIR        outputs: OUT_DIR/<row>/{checkpoints,tensorboard}, OUT_DIR/logs/ [runs/gpt2-SCALE]
 #   NNODES         nodes [1]; NODE_RANK this node's index [0]
 #   GPUS_PER_NODE  processes per node [CUDA_VISIBLE_DEVICES count, else `nvidia-smi -L` count, else 1]
+#   TP             tensor-model-parallel size [1]; it must divide GPUS_PER_NODE (Megatron's
+#                  order: TP ranks adjacent, inside a node) and the heads, FFN and vocabulary
 #   EP             expert-model-parallel size [largest divisor of the expert count that is
-#                  <= GPUS_PER_NODE and divides NNODES*GPUS_PER_NODE: all-to-all stays in a node]
+#                  <= GPUS_PER_NODE / TP and divides the data-parallel size: all-to-all stays in
+#                  a node]
 #   LAUNCHER       torchrun | deepspeed | python [torchrun; python when 1 process in total].
 #                  deepspeed here is single-node; see examples/multinode/ for the others.
 #   MASTER_ADDR    rendezvous host [127.0.0.1]; MASTER_PORT [29500]
@@ -82,6 +85,12 @@ MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 DRY_RUN="${DRY_RUN:-0}"
 WORLD_SIZE_TOTAL=$((NNODES * GPUS_PER_NODE))
+TP="${TP:-1}"
+if ! [[ "$TP" =~ ^[1-9][0-9]*$ ]] || [ $((GPUS_PER_NODE % TP)) -ne 0 ]; then
+  echo "settings.sh: TP=$TP must be a positive divisor of GPUS_PER_NODE=$GPUS_PER_NODE" >&2
+  return 2
+fi
+DP_SIZE=$((WORLD_SIZE_TOTAL / TP))
 if [ -z "${LAUNCHER:-}" ]; then
   if [ "$WORLD_SIZE_TOTAL" -eq 1 ]; then LAUNCHER=python; else LAUNCHER=torchrun; fi
 fi
@@ -164,8 +173,8 @@ case "$DATA_PATH" in /* | mock) ;; *) DATA_PATH="$PWD/$DATA_PATH" ;; esac
 msr_default_ep() {
   local d best=1
   for ((d = 1; d <= NUM_EXPERTS; d++)); do
-    if [ $((NUM_EXPERTS % d)) -eq 0 ] && [ "$d" -le "$GPUS_PER_NODE" ] \
-      && [ $((WORLD_SIZE_TOTAL % d)) -eq 0 ]; then
+    if [ $((NUM_EXPERTS % d)) -eq 0 ] && [ "$d" -le $((GPUS_PER_NODE / TP)) ] \
+      && [ $((DP_SIZE % d)) -eq 0 ]; then
       best="$d"
     fi
   done
@@ -259,6 +268,7 @@ msr_trainer_args() {
     --exit-signal-handler
     "$@"
   )
+  if [ "$TP" -gt 1 ]; then TRAINER_ARGS+=(--tensor-model-parallel-size "$TP"); fi
 }
 
 # The executable beside PYTHON (torchrun, deepspeed), else the one on PATH.
@@ -310,6 +320,7 @@ msr_run() {
   local log="$1"
   shift
   if [ "$DRY_RUN" = 1 ]; then
+    echo "# layout: world $WORLD_SIZE_TOTAL = TP $TP x DP $DP_SIZE; EP $EP" >&2
     msr_quote "$@"
     return 0
   fi

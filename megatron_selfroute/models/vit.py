@@ -46,6 +46,11 @@ from megatron_selfroute.moe.context import RoutingContext
 from megatron_selfroute.moe.layer import MoELayer
 from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
 from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    full_shape,
+    shard_full_tensor,
+)
 from megatron_selfroute.seeding import mix_seed
 
 PRESETS = DEIT_PRESETS  # the DeiT shapes (config.py, where the --model flag reads them)
@@ -138,7 +143,8 @@ class VisionTransformer(nn.Module):
                 else:
                     gen = torch.Generator().manual_seed(
                         mix_seed(seed, zlib.crc32(canonical.encode())))
-                    p.copy_(trunc_normal(p.shape, std, gen))
+                    # the full tensor, then this rank's shard (the tensor itself at TP = 1)
+                    p.copy_(shard_full_tensor(p, trunc_normal(full_shape(p), std, gen)))
 
     def forward(self, images: Tensor, token_index: Optional[Tensor] = None,
                 iteration: int = 0) -> tuple[Tensor, Tensor]:
@@ -203,6 +209,7 @@ def parallelize_vit(model: VisionTransformer, layout: ParallelLayout,
         raise RuntimeError("enable_ema() after parallelize_vit (the EMA copies this rank's "
                            "initialised weights)")
     apply_expert_parallel(model, layout)
+    apply_tensor_parallel(model, layout)  # the blocks; patch embedding and head replicated
     if init:
         model.init_weights(model.cfg.train.seed)
     return model

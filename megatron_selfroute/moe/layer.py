@@ -154,6 +154,11 @@ class MoELayer(EngineMoE):
         from megatron_selfroute.parallel.tensor_parallel import _own_rows, split_to_tp
 
         group = self.tp_group
+        tp = dist.get_world_size(group)
+        if x_TD.shape[0] % tp:
+            raise ValueError(f"MoE layer {self.layer_number}: {x_TD.shape[0]} tokens per "
+                             f"micro-batch do not split over --tensor-model-parallel-size {tp} "
+                             "(change --micro-batch-size)")
         index = flat.token_index
         if index is None:
             index = torch.arange(x_TD.shape[0], device=x_TD.device)

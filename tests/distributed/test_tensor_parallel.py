@@ -131,3 +131,4 @@ def test_tp2_moe_resumes_exactly_and_another_layout_is_refused(tmp_path):
     for r in by["wrong_layout"]:
         err = r.get("error", "").strip().splitlines()[-1]
         assert "was saved in layout TP 2 x DP 1 (EP 1), this run is TP 1 x DP 2 (EP 1)" in err, err
+

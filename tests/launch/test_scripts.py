@@ -164,6 +164,21 @@ def test_launchers_and_knobs(tmp_path):
     assert extra[-2:] == ["--train-iters", "3"] and flags(extra)["--train-iters"] == "3"
     config_of(argv, world=1)
 
+    # TP=2 on 2 nodes x 4 GPUs: the flag reaches the trainer, EP defaults within DP = 4, the
+    # layout validates for 8 processes at the paper's shape, and DRY_RUN states the layout.
+    tp = subprocess.run(["bash", str(ROOT / "examples/gpt2/self.sh")], capture_output=True,
+                        text=True, env={**os.environ, "DRY_RUN": "1", "TP": "2", "NNODES": "2",
+                                        "GPUS_PER_NODE": "4", "OUT_DIR": str(tmp_path)})
+    assert tp.returncode == 0, tp.stderr
+    assert "# layout: world 8 = TP 2 x DP 4; EP 2" in tp.stderr
+    f = flags(trainer_argv(tp.stdout.split()))
+    assert (f["--tensor-model-parallel-size"], f["--expert-model-parallel-size"]) == ("2", "2")
+    config_of(trainer_argv(tp.stdout.split()), world=8)
+    bad_tp = subprocess.run(["bash", str(ROOT / "examples/gpt2/self.sh")], capture_output=True,
+                            text=True, env={**os.environ, "DRY_RUN": "1", "TP": "3",
+                                            "GPUS_PER_NODE": "4", "OUT_DIR": str(tmp_path)})
+    assert bad_tp.returncode != 0 and "TP=3 must be a positive divisor" in bad_tp.stderr
+
     bad = subprocess.run(["bash", str(ROOT / "examples/gpt2/self.sh")], capture_output=True,
                          text=True, env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1",
                                          "LAUNCHER": "python", "GPUS_PER_NODE": "2"})
