@@ -57,6 +57,38 @@ def moe_blocks(cfg: Config) -> list[int]:
     return [i for i, v in enumerate(cfg.moe.layer_pattern(cfg.model.num_layers)) if v]
 
 
+def merge_tensor_parallel(parts: list[dict], cfg: Config, family, state: dict,
+                          source: str) -> dict:
+    """The one-device state dict from T tensor-parallel ranks' model states: each sharded
+    tensor is put back where its rank's `tp_shard` (the function the trainer initialised and
+    trained it with) took it from; replicated tensors come from rank 0."""
+    from types import SimpleNamespace
+
+    from megatron_selfroute.parallel.tensor_parallel import apply_tensor_parallel, is_tp_sharded
+
+    tp = len(parts)
+    full_sd = dict(parts[0])
+    shape = dict(state.get("shape_config") or {})
+    for rank in range(tp):
+        template = family.build(cfg, shape)
+        apply_tensor_parallel(template, SimpleNamespace(tp=tp, tp_rank=rank, tp_group=None))
+        for name, p in template.named_parameters():
+            if not is_tp_sharded(p) or name not in parts[rank]:
+                continue
+            if rank == 0:
+                full_sd[name] = torch.empty(p.tp_full_shape, dtype=parts[0][name].dtype)
+            index = torch.arange(full_sd[name].numel()).view(p.tp_full_shape)
+            where = p.tp_shard(index)
+            piece = parts[rank][name]
+            if tuple(piece.shape) != tuple(where.shape):
+                raise CheckpointFormatError(f"{source}: {name} of tensor-parallel rank {rank} has "
+                                            f"shape {tuple(piece.shape)}, its layout gives "
+                                            f"{tuple(where.shape)}")
+            full_sd[name].view(-1)[where.reshape(-1)] = piece.reshape(-1)
+        del template
+    return full_sd
+
+
 def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict, str, dict]:
     """(state dict with global expert ids, config, {iteration, consumed_train_samples}, model
     family, its shape_config)."""
@@ -64,17 +96,23 @@ def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict, st
     if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt")
            for n in os.listdir(tag_dir)):
         raise CheckpointFormatError(f"{tag_dir}: ZeRO-3 checkpoints are not supported")
-    if os.path.isfile(os.path.join(tag_dir, "mp_rank_01_model_states.pt")):
-        raise CheckpointFormatError(f"{tag_dir}: tensor/pipeline-parallel checkpoints are not "
-                                    "supported")
     state = _run_state(tag_dir)
+    tp = int((state.get("layout") or {}).get("tp", 1))
+    if tp == 1 and os.path.isfile(os.path.join(tag_dir, "mp_rank_01_model_states.pt")):
+        raise CheckpointFormatError(f"{tag_dir}: model-parallel files without a tensor-parallel "
+                                    "layout in its run state (pipeline parallelism?): not "
+                                    "supported")
     manifest.verify(tag_dir)  # sizes and checksums before anything is unpickled
     cfg = Config.from_dict(state["config"])
-    main = safe_load(os.path.join(tag_dir, MODEL_STATES))
-    if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
-        raise CheckpointFormatError(f"{tag_dir}/{MODEL_STATES}: no 'module' state dict")
     family = family_of(state)
-    sd = {k: v for k, v in main["module"].items() if EXPERT_MARK not in k}
+    parts = []
+    for r in range(tp):  # one model-states file per tensor-parallel rank
+        name = MODEL_STATES.replace("mp_rank_00", f"mp_rank_{r:02d}")
+        main = safe_load(os.path.join(tag_dir, name))
+        if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
+            raise CheckpointFormatError(f"{tag_dir}/{name}: no 'module' state dict")
+        parts.append({k: v for k, v in main["module"].items() if EXPERT_MARK not in k})
+    sd = parts[0] if tp == 1 else merge_tensor_parallel(parts, cfg, family, state, tag_dir)
     for moe_idx, block in enumerate(moe_blocks(cfg)):
         for expert in range(cfg.moe.num_experts):
             name = expert_file(moe_idx, expert)
