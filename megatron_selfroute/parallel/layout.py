@@ -160,6 +160,9 @@ def check_tensor_degree(cfg: Config, tp: int) -> None:
         if tokens % tp:
             raise ConfigError(f"{tokens} tokens per micro-batch (--micro-batch-size x sequence) "
                               f"do not split over {flag} (each TP rank routes 1/T of them)")
+        if moe.moe_token_dispatcher_type == "deepspeed":
+            raise ConfigError(f"--moe-token-dispatcher-type deepspeed with {flag}: DeepSpeed's "
+                              "MOELayer splits its capacity buffers over TP itself; use alltoall")
         if moe.moe_expert_capacity_factor is not None:
             raise ConfigError(f"--moe-expert-capacity-factor with {flag}: token dropping is "
                               "decided per rank's token slice (not supported; run dropless)")

@@ -71,12 +71,16 @@ def _same_run(name, want, got):
 
 
 TP_RUNS = {"zero0": [], "zero1": ["--zero-stage", "1"], "zero2": ["--zero-stage", "2"],
-           "bf16_zero0": ["--bf16"], "bf16_zero2": ["--bf16", "--zero-stage", "2"]}
+           "bf16_zero0": ["--bf16"], "bf16_zero2": ["--bf16", "--zero-stage", "2"],
+           "compile": ["--compile", "--compile-backend", "aot_eager"],
+           "recompute_full": ["--recompute-granularity", "full"]}
 
 
 def test_tp2_training_equals_one_process(tmp_path):
     """TP = 2 on 2 processes: the one-process run's losses and gradient norms step by step, for
-    ZeRO 0, 1 and 2 and bf16 (ZeRO-0's own clipping, DeepSpeed's ZeRO norm, its bf16 wrapper)."""
+    ZeRO 0, 1 and 2 and bf16 (ZeRO-0's own clipping, DeepSpeed's ZeRO norm, its bf16 wrapper),
+    and with --compile (aot_eager) and full recompute (the region ops' collectives run again in
+    backward)."""
     base = ENGINE + ["--router-type", "learned", "--global-batch-size", "4",
                      "--moe-aux-loss-coeff", "1e-2"]
     runs = {n: base + a for n, a in TP_RUNS.items()}

@@ -110,7 +110,9 @@ def test_tensor_parallel_rules_name_the_flags():
              (tp_cfg(tp=2, div=1, vocab=127), 4, "the padded vocabulary 127"),
              (tp_cfg(micro_batch_size=1, tp=4), 4, None),
              (tp_cfg(moe_expert_capacity_factor=1.0), 4, "--moe-expert-capacity-factor with "
-              "--tensor-model-parallel-size 2")]
+              "--tensor-model-parallel-size 2"),
+             (tp_cfg(moe_token_dispatcher_type="deepspeed"), 4,
+              "--moe-token-dispatcher-type deepspeed with --tensor-model-parallel-size 2")]
     for cfg, world, needle in cases:
         if needle is None:
             validate(cfg, world)

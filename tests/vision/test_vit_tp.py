@@ -1,6 +1,7 @@
 """ViT under tensor parallelism (issue 20, part 6)."""
 import math
 
+
 def test_vit_tp2_trains_like_one_process(tmp_path, image_root):
     """pretrain_vit.py gets TP through the shared blocks: a DeiT MoE (self router) at TP = 2
     gives the one-process run's losses (drop path off: its masks are drawn per head slice)."""
