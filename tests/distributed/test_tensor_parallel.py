@@ -156,6 +156,10 @@ def test_tp2_checkpoint_converts_to_the_one_process_weights(tmp_path):
     for ck in ("ck1", "ck2"):
         run_tool("checkpoint/convert.py", "--input", str(tmp_path / ck), "--output",
                  str(tmp_path / f"{ck}_c"), "--to", "consolidated")
+    # the Hugging Face export and the tools read a TP checkpoint through the same merge
+    run_tool("checkpoint/convert.py", "--input", str(tmp_path / "ck2"), "--output",
+             str(tmp_path / "ck2_hf"), "--to", "hf")
+    assert (tmp_path / "ck2_hf" / "config.json").is_file()
     one = load_file(str(tmp_path / "ck1_c" / "model.safetensors"))
     two = load_file(str(tmp_path / "ck2_c" / "model.safetensors"))
     assert set(one) == set(two)
