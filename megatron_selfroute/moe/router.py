@@ -213,17 +213,21 @@ class Router(nn.Module):
                                 *self._tp_losses(logits_TE, tokens_per_expert_E, zero))
         aux = zero
         if self.aux_loss_coeff > 0:
-            if self.score_function == "sigmoid":
-                scores_TE = torch.sigmoid(logits_TE)
-                full_probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
-            else:
-                full_probs_TE = torch.softmax(logits_TE, dim=-1)
+            full_probs_TE = self._aux_probs(logits_TE)
             frac_E = tokens_per_expert_E.to(logits_TE.dtype) / (num_tokens * self.topk)
             aux = self.aux_loss_coeff * num_experts * (frac_E * full_probs_TE.mean(0)).sum()
         z = zero
         if self.z_loss_coeff > 0:
             z = self.z_loss_coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
         return RouterOutput(probs_TK, ids_TK, keep_TK, tokens_per_expert_E, dropped, aux, z)
+
+    def _aux_probs(self, logits_TE: Tensor) -> Tensor:
+        """Every expert's probability per token, as the aux loss reads it (normalised sigmoid
+        scores, or the softmax)."""
+        if self.score_function == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+            return scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+        return torch.softmax(logits_TE, dim=-1)
 
     def _tp_losses(self, logits_TE: Optional[Tensor], counts_E: Tensor, zero: Tensor
                    ) -> tuple[Tensor, Tensor]:
@@ -238,11 +242,7 @@ class Router(nn.Module):
         n_all = logits_TE.shape[0] * dist.get_world_size(group) if logits_TE is not None else 0
         aux = z = zero
         if self.aux_loss_coeff > 0:
-            if self.score_function == "sigmoid":
-                scores_TE = torch.sigmoid(logits_TE)
-                full_probs_TE = scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
-            else:
-                full_probs_TE = torch.softmax(logits_TE, dim=-1)
+            full_probs_TE = self._aux_probs(logits_TE)
             counts = counts_E.clone()
             dist.all_reduce(counts, group=group)
             frac_E = counts.to(logits_TE.dtype) / (n_all * self.topk)
