@@ -64,6 +64,7 @@ def save_consolidated(ckpt: Checkpoint, out_dir: str) -> None:
 
     cfg = Config.from_dict(ckpt.cfg.to_dict())
     cfg.parallel.expert_model_parallel_size = 1
+    cfg.parallel.tensor_model_parallel_size = 1
     os.makedirs(out_dir, exist_ok=True)
     meta = {"format": "pt", **{k: str(v) for k, v in ckpt.meta.items()}}
     save_file(canonical(ckpt), os.path.join(out_dir, WEIGHTS), metadata=meta)
@@ -118,6 +119,7 @@ def eval_config(cfg: Config) -> Config:
     """A copy for inference: one process, dropless routing, the padding-free dispatcher."""
     cfg = Config.from_dict(cfg.to_dict())
     cfg.parallel.expert_model_parallel_size = 1
+    cfg.parallel.tensor_model_parallel_size = 1
     cfg.moe.moe_expert_capacity_factor = None
     cfg.moe.moe_token_dispatcher_type = "alltoall"
     cfg.model.recompute_activations = False

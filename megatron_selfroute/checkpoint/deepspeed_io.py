@@ -85,6 +85,12 @@ def merge_tensor_parallel(parts: list[dict], cfg: Config, family, state: dict,
                                             f"shape {tuple(piece.shape)}, its layout gives "
                                             f"{tuple(where.shape)}")
             full_sd[name].view(-1)[where.reshape(-1)] = piece.reshape(-1)
+            owner, _, leaf = name.rpartition(".")
+            ema = f"{owner}.ema_{leaf}"  # a ViT's EMA buffer of this shard: the same positions
+            if ema in parts[rank]:
+                if rank == 0:
+                    full_sd[ema] = torch.empty(p.tp_full_shape, dtype=parts[0][ema].dtype)
+                full_sd[ema].view(-1)[where.reshape(-1)] = parts[rank][ema].reshape(-1)
         del template
     return full_sd
 
@@ -151,6 +157,7 @@ def write_deepspeed(model: nn.Module, cfg: Config, out_dir: str, ep_size: int,
                                     f"--expert-model-parallel-size {ep_size}")
     cfg = Config.from_dict(cfg.to_dict())
     cfg.parallel.expert_model_parallel_size = ep_size
+    cfg.parallel.tensor_model_parallel_size = 1  # written for TP 1
     iteration = int(meta.get("iteration", 0))
     tag = tag_for(iteration)
     tag_dir = os.path.join(out_dir, tag)
@@ -180,6 +187,7 @@ def _save_with_deepspeed(model: nn.Module, cfg: Config, out_dir: str, tag: str) 
 
     single = Config.from_dict(cfg.to_dict())
     single.parallel.expert_model_parallel_size = 1
+    single.parallel.tensor_model_parallel_size = 1
     config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
               "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
     with private_process_group():

@@ -78,6 +78,8 @@ class Experts(DeepSpeedExperts):
     def _grouped(self, x_RD: Tensor, counts: Tensor | list[int]) -> Tensor:
         experts = self.deepspeed_experts
         if x_RD.shape[0] == 0:
+            if self.every_expert:  # zero gradients for every expert (see `every_expert`)
+                return x_RD + 0.0 * torch.stack([p.sum() for p in self.parameters()]).sum()
             return x_RD.clone()
         counts_G = torch.as_tensor(counts, device=x_RD.device)
         offs = counts_G.cumsum(0).to(torch.int32)

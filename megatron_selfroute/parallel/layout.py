@@ -155,9 +155,13 @@ def check_tensor_degree(cfg: Config, tp: int) -> None:
     if m.vocab_size and m.padded_vocab_size % tp:
         raise ConfigError(f"the padded vocabulary {m.padded_vocab_size} (--vocab-size / "
                           f"--make-vocab-size-divisible-by) is not divisible by {flag}")
-    if moe.is_moe and m.vocab_size:  # GPT (a ViT checks its patch count at its first forward)
+    if cfg.train.fp16:
+        raise ConfigError(f"--fp16 with {flag}: DeepSpeed's fp16 wrapper reads the model-parallel "
+                          "tag off gradient tensors and misses every shard of TP rank != 0 in "
+                          "its norm; use --bf16")
+    if moe.is_moe:
         tokens = cfg.train.micro_batch_size * m.seq_length
-        if tokens % tp:
+        if m.vocab_size and tokens % tp:  # GPT (a ViT checks its patch count at its forward)
             raise ConfigError(f"{tokens} tokens per micro-batch (--micro-batch-size x sequence) "
                               f"do not split over {flag} (each TP rank routes 1/T of them)")
         if moe.moe_token_dispatcher_type == "deepspeed":

@@ -108,7 +108,8 @@ def test_tp2_ep2_on_four_processes_equals_one_process(tmp_path):
 
 def test_tp2_moe_resumes_exactly_and_another_layout_is_refused(tmp_path):
     """A TP = 2 MoE run saved at step 2 and resumed gives the straight run's steps 3 and 4
-    exactly (ZeRO 0 and 2: expert files are read from TP rank 0's, the only writer), and
+    exactly (ZeRO 0 and 2: each TP rank of the first expert-data replica writes its own
+    mp_rank files), and
     loading it with TP = 1 on the same 2 processes is one line naming both layouts."""
     from tests.distributed.harness import spawn
 

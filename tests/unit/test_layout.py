@@ -162,3 +162,25 @@ def test_tensor_degree_comes_from_the_config():
     lay = ParallelLayout.from_config(cfg, world_size=4, rank=3, check=False)
     assert (lay.tp, lay.dp, lay.tp_rank, lay.dp_rank) == (2, 2, 1, 1)
     lay.validate(cfg)
+
+
+def test_tensor_parallel_moe_rules_hold_for_a_vit_too():
+    """A ViT has no vocabulary; its MoE layers still route 1/T of the tokens per TP rank, so the
+    dispatcher and capacity rules apply to it as to a GPT, and fp16 is refused under TP."""
+    from megatron_selfroute.arguments import validate
+
+    cfg = _cfg()
+    cfg.model.vocab_size = None
+    cfg.model.num_attention_heads, cfg.model.hidden_size = 4, 64
+    cfg.parallel.tensor_model_parallel_size = 2
+    cfg.moe.moe_token_dispatcher_type = "deepspeed"
+    with pytest.raises(ConfigError, match="--moe-token-dispatcher-type deepspeed with"):
+        validate(cfg, 2)
+    cfg.moe.moe_token_dispatcher_type = "alltoall"
+    cfg.moe.moe_expert_capacity_factor = 1.0
+    with pytest.raises(ConfigError, match="--moe-expert-capacity-factor with"):
+        validate(cfg, 2)
+    cfg.moe.moe_expert_capacity_factor = None
+    cfg.train.fp16 = True
+    with pytest.raises(ConfigError, match="--fp16 with --tensor-model-parallel-size 2"):
+        validate(cfg, 2)
