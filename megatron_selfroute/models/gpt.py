@@ -41,12 +41,12 @@ from megatron_selfroute.parallel.expert_parallel import apply_expert_parallel
 from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.parallel.tensor_parallel import (
     VocabParallelEmbedding,
-    _param,
     apply_tensor_parallel,
     copy_to_tp,
     full_shape,
     gather_last_dim,
     shard_full_tensor,
+    sharded_param,
 )
 from megatron_selfroute.seeding import mix_seed
 
@@ -149,7 +149,7 @@ class GPTModel(nn.Module):
         self.transformer.wte = wte
         if m.untie_embeddings_and_output_weights:
             head = nn.Linear(1, 1, bias=False)  # a holder with the one-device module name
-            head.weight = _param(self.lm_head.weight, lambda w: w[wte.start:wte.end], 0)
+            head.weight = sharded_param(self.lm_head.weight, lambda w: w[wte.start:wte.end], 0)
             self.lm_head = head
         else:
             self.lm_head.weight = wte.weight

@@ -30,6 +30,13 @@ from megatron_selfroute.moe.deepspeed_adapter import EngineMoE, ExpertSlot
 from megatron_selfroute.moe.dispatcher import DISPATCHERS
 from megatron_selfroute.moe.experts import Experts
 from megatron_selfroute.moe.router import build_router
+from megatron_selfroute.parallel.tensor_parallel import (
+    gather_from_tp,
+    gather_rows,
+    own_rows,
+    split_to_tp,
+    tp_sum_hook,
+)
 from megatron_selfroute.seeding import mix_seed
 
 
@@ -100,8 +107,6 @@ class MoELayer(EngineMoE):
         router's weights are replicated but see 1/T of the tokens: their gradients are summed
         over the group as they are made (a hook, before any ZeRO bucket takes them); the
         experts' are summed by the engine, whose expert-data group spans the tensor group."""
-        from megatron_selfroute.parallel.tensor_parallel import tp_sum_hook
-
         self.tp_group = group
         self.router.tp_group = group
         self.experts.every_expert = True
@@ -135,24 +140,18 @@ class MoELayer(EngineMoE):
         counts, dropped = routing.tokens_per_expert_E.detach(), routing.dropped.detach()
         ids = routing.ids_TK.detach()
         if group is not None:  # statistics of every token of the tensor group
-            from megatron_selfroute.parallel.tensor_parallel import _gather_rows
-
             both = torch.cat([counts, dropped.reshape(1)])
             dist.all_reduce(both, group=group)
-            counts, dropped, ids = both[:-1], both[-1], _gather_rows(ids, group)
+            counts, dropped, ids = both[:-1], both[-1], gather_rows(ids, group)
         self.last_tokens_per_expert, self.last_dropped, self.last_ids = counts, dropped, ids
         y_TD = self.dispatcher(x_TD, routing, self.experts)
         if group is not None:
-            from megatron_selfroute.parallel.tensor_parallel import gather_from_tp
-
             y_TD = gather_from_tp(y_TD, group)
         return y_TD.view(shape), routing.aux_loss + routing.z_loss
 
     def _own_tokens(self, x_TD: Tensor, flat: RoutingContext) -> tuple[Tensor, RoutingContext]:
         """This tensor-parallel rank's contiguous 1/T of the tokens, with their global token
         index (the random router hashes it: the same decision as in one process) and ids."""
-        from megatron_selfroute.parallel.tensor_parallel import _own_rows, split_to_tp
-
         group = self.tp_group
         tp = dist.get_world_size(group)
         if x_TD.shape[0] % tp:
@@ -164,5 +163,5 @@ class MoELayer(EngineMoE):
             index = torch.arange(x_TD.shape[0], device=x_TD.device)
         ids = flat.token_ids
         return split_to_tp(x_TD, group), RoutingContext(
-            _own_rows(index, group), None if ids is None else _own_rows(ids, group),
+            own_rows(index, group), None if ids is None else own_rows(ids, group),
             flat.iteration)

@@ -42,11 +42,13 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_selfroute.config import Config, ConfigError, MoEConfig
 from megatron_selfroute.moe.context import RoutingContext
+from megatron_selfroute.parallel.tensor_parallel import reduce_from_tp
 from megatron_selfroute.seeding import hash_uniform, mix_seed
 
 
@@ -234,10 +236,6 @@ class Router(nn.Module):
         """The aux and z losses over every token of the tensor group: counts and the sums of
         probabilities and of squared log-sum-exps all-reduced (the sums differentiably, as a
         replicated value's partial sums), divided by the group's token count."""
-        import torch.distributed as dist
-
-        from megatron_selfroute.parallel.tensor_parallel import reduce_from_tp
-
         group = self.tp_group
         n_all = logits_TE.shape[0] * dist.get_world_size(group) if logits_TE is not None else 0
         aux = z = zero

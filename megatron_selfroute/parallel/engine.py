@@ -14,6 +14,7 @@ from megatron_selfroute.checkpoint.safe_load import SafeCheckpointEngine
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.parallel.groups import all_reduce_small
 from megatron_selfroute.parallel.layout import ParallelLayout
+from megatron_selfroute.parallel.tensor_parallel import is_tp_sharded
 
 # DeepSpeed JSON key path -> (config section, field, flag)
 _DS_KEYS = {
@@ -133,9 +134,10 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
     # that copy made this 143 ms of a 900 ms CPU step at the quickstart shape; float64 keeps the
     # golden runs' numerics, fp32 accumulation would be faster still), squared and summed; sums
     # stay on the gradients' device: one host read (the norm) per step.
-    groups = {False: [], True: []}
+    experts, sharded, replicated = [], [], []
     for p in params:
-        groups[bool(is_moe_param(p))].append(p.grad.detach())
+        (experts if is_moe_param(p) else sharded if is_tp_sharded(p)
+         else replicated).append(p.grad.detach())
 
     def sq_sum(grads):
         if not grads:
@@ -143,17 +145,11 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
         return norms.square().sum()
 
-    if layout.tp > 1:  # a shard's square on every TP rank, a replicated parameter's once
-        from megatron_selfroute.parallel.tensor_parallel import is_tp_sharded
-
-        sharded = [p.grad.detach() for p in params if not is_moe_param(p) and is_tp_sharded(p)]
-        replicated = [p.grad.detach() for p in params
-                      if not is_moe_param(p) and not is_tp_sharded(p)]
-        dense = sq_sum(replicated) + all_reduce_small(sq_sum(sharded), group=layout.tp_group)
-    else:
-        dense = sq_sum(groups[False])
-    if groups[True]:  # each expert once: summed over the expert-parallel group
-        dense = dense + all_reduce_small(sq_sum(groups[True]), group=layout.ep_group)
+    dense = sq_sum(replicated)  # replicated over TP: counted once
+    if sharded:  # a shard's square on every TP rank
+        dense = dense + all_reduce_small(sq_sum(sharded), group=layout.tp_group)
+    if experts:  # each expert once: summed over the expert-parallel group
+        dense = dense + all_reduce_small(sq_sum(experts), group=layout.ep_group)
     norm = dense.sqrt().item()
     if max_norm > 0 and norm > max_norm:
         torch._foreach_mul_([p.grad.detach() for p in params], max_norm / (norm + 1e-6))

@@ -45,13 +45,13 @@ def _all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
-def _gather_rows(x: Tensor, group) -> Tensor:
+def gather_rows(x: Tensor, group) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=0)
 
 
-def _own_rows(x: Tensor, group) -> Tensor:
+def own_rows(x: Tensor, group) -> Tensor:
     n, t = dist.get_world_size(group), dist.get_rank(group)
     step = x.shape[0] // n
     return x[t * step:(t + 1) * step].contiguous()
@@ -82,22 +82,22 @@ class _SplitToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _own_rows(x, group)
+        return own_rows(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_rows(g, ctx.group), None
+        return gather_rows(g, ctx.group), None
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather_rows(x, group)
+        return gather_rows(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _own_rows(g, ctx.group), None
+        return own_rows(g, ctx.group), None
 
 
 def copy_to_tp(x: Tensor, group) -> Tensor:
@@ -137,7 +137,7 @@ def _tag(p: nn.Parameter, dim: int, shard: Callable[[Tensor], Tensor], full_shap
     p.tp_full_shape = tuple(full_shape)
 
 
-def _param(full: Optional[Tensor], shard: Callable[[Tensor], Tensor], dim: int
+def sharded_param(full: Optional[Tensor], shard: Callable[[Tensor], Tensor], dim: int
            ) -> Optional[nn.Parameter]:
     if full is None:
         return None
@@ -153,8 +153,8 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.in_features = full.in_features
-        self.weight = _param(full.weight, shard_rows, 0)
-        self.bias = _param(full.bias, shard_rows, 0)
+        self.weight = sharded_param(full.weight, shard_rows, 0)
+        self.bias = sharded_param(full.bias, shard_rows, 0)
         self.out_features = self.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,7 +169,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.out_features = full.out_features
-        self.weight = _param(full.weight, shard_cols, 1)
+        self.weight = sharded_param(full.weight, shard_cols, 1)
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
         self.in_features = self.weight.shape[1]
 
@@ -187,7 +187,7 @@ class VocabParallelEmbedding(nn.Module):
         rows = full.num_embeddings // tp
         self.start, self.end = tp_rank * rows, (tp_rank + 1) * rows
         self.num_embeddings, self.embedding_dim = full.num_embeddings, full.embedding_dim
-        self.weight = _param(full.weight, lambda w: w[self.start:self.end], 0)
+        self.weight = sharded_param(full.weight, lambda w: w[self.start:self.end], 0)
 
     def forward(self, ids: Tensor) -> Tensor:
         outside = (ids < self.start) | (ids >= self.end)
