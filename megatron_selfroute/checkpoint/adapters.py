@@ -20,13 +20,14 @@ from megatron_selfroute.parallel.layout import ParallelLayout
 EXPERT_MARK = ".deepspeed_moe.experts.deepspeed_experts."
 
 
-def _build_gpt(cfg: Config, shape: dict) -> nn.Module:
+def _build_gpt(cfg: Config, shape: dict, layout: ParallelLayout | None = None) -> nn.Module:
     from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
 
-    return parallelize_gpt(GPTModel(cfg, init=False), ParallelLayout.single(cfg), init=False)
+    return parallelize_gpt(GPTModel(cfg, init=False), layout or ParallelLayout.single(cfg),
+                           init=False)
 
 
-def _build_vit(cfg: Config, shape: dict) -> nn.Module:
+def _build_vit(cfg: Config, shape: dict, layout: ParallelLayout | None = None) -> nn.Module:
     from megatron_selfroute.models.vit import VisionTransformer, ViTConfig, parallelize_vit
 
     missing = {"img_size", "patch_size", "num_classes"} - set(shape)
@@ -35,7 +36,7 @@ def _build_vit(cfg: Config, shape: dict) -> nn.Module:
     vit = ViTConfig(img_size=shape["img_size"], patch_size=shape["patch_size"],
                     num_classes=shape["num_classes"])
     model = parallelize_vit(VisionTransformer(cfg, vit, init=False),
-                            ParallelLayout.single(cfg), init=False)
+                            layout or ParallelLayout.single(cfg), init=False)
     if shape.get("model_ema"):
         model.enable_ema()
     return model
@@ -47,9 +48,15 @@ class ModelFamily:
 
     name: str
     block_prefix: str  # module path of block i is f"{block_prefix}.{i}"
-    build: Callable[[Config, dict], nn.Module]  # one process, every expert, uninitialised
+    # (cfg, shape_config[, layout]): uninitialised; one process with every expert by default,
+    # else this rank's part of `layout` (its experts, its tensor-parallel shards)
+    build: Callable[..., nn.Module]
     tied_output: Callable[[Config], bool]  # lm_head shares the input embedding (stored once)
     hf_export: bool
+
+    def build_parallel(self, cfg: Config, shape: dict, layout: ParallelLayout) -> nn.Module:
+        """This rank's model of `layout`, uninitialised (a checkpoint fills it)."""
+        return self.build(cfg, shape, layout)
 
     def expert_prefix(self, block: int, expert: int) -> str:
         """State-dict prefix of one global expert of the MoE layer in `block`."""

@@ -41,7 +41,8 @@ from megatron_selfroute.seeding import mix_seed
 is_deepspeed_checkpoint = is_save_or_tag_dir
 
 
-def _run_state(tag_dir: str) -> dict:
+def run_state(tag_dir: str) -> dict:
+    """The checkpoint's run_state.json (iteration, world size, layout, config), checked."""
     path = os.path.join(tag_dir, RUN_STATE)
     try:
         with open(path) as f:
@@ -102,7 +103,7 @@ def read_deepspeed(path: str) -> tuple[dict[str, torch.Tensor], Config, dict, st
     if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt")
            for n in os.listdir(tag_dir)):
         raise CheckpointFormatError(f"{tag_dir}: ZeRO-3 checkpoints are not supported")
-    state = _run_state(tag_dir)
+    state = run_state(tag_dir)
     tp = int((state.get("layout") or {}).get("tp", 1))
     if tp == 1 and os.path.isfile(os.path.join(tag_dir, "mp_rank_01_model_states.pt")):
         raise CheckpointFormatError(f"{tag_dir}: model-parallel files without a tensor-parallel "

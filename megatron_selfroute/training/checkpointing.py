@@ -148,7 +148,8 @@ def _guard_recovery_script(engine, ckpt_engine) -> None:
 
 def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
                     layout: ParallelLayout, shape_config: Optional[dict] = None,
-                    family: str = "gpt", lease=None) -> str:
+                    family: str = "gpt", lease=None,
+                    extra_run_state: Optional[dict] = None) -> str:
     """Save atomically and verifiably; returns the final directory. Called by every rank.
 
     Every rank reports whether its writes succeeded; only when all did are the files
@@ -193,7 +194,8 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
                          "skipped_steps": state.skipped_steps,
                          "world_size": layout.world_size, "layout": layout.describe(),
                          "config": cfg.to_dict(),
-                         "shape_config": shape_config or {}, "model_family": family}
+                         "shape_config": shape_config or {}, "model_family": family,
+                         **(extra_run_state or {})}
             err = json_save(run_state, os.path.join(tmp_path, RUN_STATE), fault)
         failures = [err] if err else []
     msg = _first_failure(_gather(failures[0] if failures else None, world), "writing")
@@ -366,8 +368,10 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
             f"{path} was saved in layout TP {saved_tp} x DP {was.get('dp', '?')} (EP "
             f"{was.get('ep', '?')}), this run is TP {layout.tp} x DP {layout.dp} (EP "
             f"{layout.ep}): tensor-parallel shards do not load into another TP degree "
-            f"(resume with --tensor-model-parallel-size {saved_tp}; converting between TP "
-            "degrees is not implemented yet)")
+            f"(resume with --tensor-model-parallel-size {saved_tp}, or convert it with "
+            "tools/checkpoint/convert.py --to deepspeed --optimizer-state "
+            f"--tensor-model-parallel-size {layout.tp} --expert-model-parallel-size "
+            f"{layout.ep} --world-size {layout.world_size})")
     for key, new in (shape_config or {}).items():
         old = run_state.get("shape_config", {}).get(key)
         if old != new:

@@ -1,21 +1,31 @@
 #!/usr/bin/env python
 """Convert checkpoints between DeepSpeed layouts, the consolidated format and Hugging Face.
 
-    convert.py --input PATH --output DIR --to consolidated
-    convert.py --input PATH --output DIR --to deepspeed --expert-model-parallel-size N
+    convert.py --input PATH --output DIR --to consolidated [--optimizer-state]
+    convert.py --input PATH --output DIR --to deepspeed [--optimizer-state]
+               [--tensor-model-parallel-size T] [--expert-model-parallel-size E]
+               [--world-size W] [--zero-stage Z]
     convert.py --input PATH --output DIR --to hf
 
 `--input` is a DeepSpeed `--save` directory (its pointer file picks the tag) or tag directory of
-any data/expert-parallel layout and ZeRO stage 0-2, a consolidated directory, or a Hugging Face
-GPT-2 directory (e.g. the official `gpt2`) or MoE export of this project.
+any tensor/data/expert-parallel layout and ZeRO stage 0-2, a consolidated directory, or a Hugging
+Face GPT-2 directory (e.g. the official `gpt2`) or MoE export of this project.
 
-- consolidated: `model.safetensors` (all experts, global ids) + `config.json`; no pickles.
-- deepspeed: model weights for expert-parallel size N, resumable with
-  `pretrain_gpt.py --load DIR --no-load-optim --expert-model-parallel-size N` (or `--finetune`).
-  Optimizer states are NOT carried (ZeRO partitions depend on the layout); RNG files are fresh
-  seeded states for `--world-size` ranks (default N).
+- consolidated: `model.safetensors` (all experts, global ids) + `config.json`; no pickles. With
+  `--optimizer-state`, also `optimizer.safetensors`: every parameter's fp32 master weight and
+  Adam moments under its one-device name, Adam's step, the iteration and the data position.
+- deepspeed: a checkpoint of layout TP T x EP E on W processes (default W = T x E) and ZeRO stage
+  Z (default: the input's). With `--optimizer-state` (from a DeepSpeed input with optimizer
+  states, or a consolidated one with `optimizer.safetensors`) it resumes as the original run
+  would, optimizer included: `pretrain_gpt.py --load DIR --tensor-model-parallel-size T
+  --expert-model-parallel-size E` on W processes. Without it, weights only: resume with
+  `--no-load-optim` (or `--finetune`); RNG files are fresh seeded states.
 - hf: dense -> `GPT2LMHeadModel`; MoE -> remote code (`trust_remote_code=True`), plus GPT-2
   tokenizer files. Random-router models are refused.
+
+Carrying optimizer states, and any tensor-parallel output, runs the real engine on CPU in the
+world it reads or writes (W gloo processes, `checkpoint/reshard.py`), so DeepSpeed itself
+partitions and reassembles ZeRO's flat buffers.
 
 Errors are one line on stderr and exit 1 (`--debug` shows the traceback).
 """
@@ -45,24 +55,110 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--to", required=True, choices=["consolidated", "deepspeed", "hf"])
     p.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="expert-parallel size of a --to deepspeed checkpoint")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="tensor-parallel size of a --to deepspeed checkpoint")
     p.add_argument("--world-size", type=int, default=None,
                    help="processes of the run that will load a --to deepspeed checkpoint "
-                        "(default: the expert-parallel size)")
+                        "(default: tensor x expert-parallel size)")
+    p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2],
+                   help="ZeRO stage of a --to deepspeed checkpoint with optimizer state "
+                        "(default: the input's)")
+    p.add_argument("--optimizer-state", action="store_true",
+                   help="carry the fp32 master weights and Adam moments (and the data "
+                        "position) across the conversion")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
-def convert(args: argparse.Namespace) -> str:
-    """Do the conversion; returns a one-line summary."""
+def _check_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise CheckpointFormatError(f"--output {args.output} is a file, not a directory")
     if os.path.isdir(args.output) and os.listdir(args.output):
         raise CheckpointFormatError(f"--output {args.output} exists and is not empty")
     if args.world_size is not None and args.world_size < 1:
         raise CheckpointFormatError(f"--world-size must be >= 1, got {args.world_size}")
-    if args.expert_model_parallel_size < 1:
-        raise CheckpointFormatError(f"--expert-model-parallel-size must be >= 1, got "
-                                    f"{args.expert_model_parallel_size}")
+    for flag in ("expert_model_parallel_size", "tensor_model_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise CheckpointFormatError(f"--{flag.replace('_', '-')} must be >= 1, got "
+                                        f"{getattr(args, flag)}")
+    if args.to == "hf" and args.optimizer_state:
+        raise CheckpointFormatError("--optimizer-state: a Hugging Face export holds weights only")
+    if args.to != "deepspeed" and (args.tensor_model_parallel_size > 1 or args.zero_stage
+                                   is not None):
+        raise CheckpointFormatError("--tensor-model-parallel-size and --zero-stage describe a "
+                                    "--to deepspeed output")
+
+
+def _source_optimizer(args: argparse.Namespace, ckpt, out_dir: str) -> None:
+    """Write the input's optimizer state as `out_dir/optimizer.safetensors` (exported by the
+    input's own world when it is a DeepSpeed checkpoint)."""
+    import shutil
+
+    from megatron_selfroute.checkpoint import deepspeed_io, reshard
+    from megatron_selfroute.checkpoint.files import resolve_tag_dir
+
+    if reshard.has_optimizer_state(args.input):
+        shutil.copyfile(os.path.join(args.input, reshard.OPTIMIZER),
+                        os.path.join(out_dir, reshard.OPTIMIZER))
+        return
+    if not deepspeed_io.is_deepspeed_checkpoint(args.input):
+        raise CheckpointFormatError(f"--optimizer-state: {args.input} holds no optimizer state "
+                                    "(a consolidated checkpoint without "
+                                    f"{reshard.OPTIMIZER}, or a Hugging Face one)")
+    tag_dir = resolve_tag_dir(args.input)
+    state = deepspeed_io.run_state(tag_dir)
+    if state.get("weights_only"):
+        raise CheckpointFormatError(f"--optimizer-state: {tag_dir} holds weights only (a "
+                                    "converted checkpoint without optimizer state)")
+    world = int(state["world_size"])
+    print(f"> reading the optimizer states of {tag_dir} on {world} CPU processes",
+          file=sys.stderr, flush=True)
+    meta = {"iteration": int(state.get("iteration", 0)),
+            "consumed_train_samples": int(state.get("consumed_train_samples", 0)),
+            "skipped_steps": int(state.get("skipped_steps", 0))}
+    reshard.run_world({"mode": "export", "config": state["config"], "family": ckpt.family,
+                       "shape": ckpt.shape, "input": tag_dir, "output": out_dir,
+                       "meta": meta}, world)
+
+
+def _to_layout(args: argparse.Namespace, ckpt) -> str:
+    """A DeepSpeed checkpoint of the requested layout written by that layout's own engine."""
+    import shutil
+
+    from megatron_selfroute.checkpoint import reshard
+    from megatron_selfroute.config import Config
+    from megatron_selfroute.parallel.layout import ParallelLayout
+
+    cfg = Config.from_dict(ckpt.cfg.to_dict())
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    cfg.parallel.tensor_model_parallel_size = tp
+    cfg.parallel.expert_model_parallel_size = ep
+    if args.zero_stage is not None:
+        cfg.parallel.zero_stage = args.zero_stage
+    cfg.train.load = cfg.train.save = None
+    world = args.world_size or tp * ep
+    ParallelLayout(world_size=world, rank=0, tp=tp, ep=ep, moe=cfg.moe.is_moe).validate(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    staged = os.path.join(args.output, ".consolidated.tmp")  # the layout-free form
+    try:
+        save_consolidated(ckpt, staged)
+        if args.optimizer_state:
+            _source_optimizer(args, ckpt, staged)
+        print(f"> writing TP {tp} x EP {ep} on {world} CPU processes (ZeRO "
+              f"{cfg.parallel.zero_stage})", file=sys.stderr, flush=True)
+        reshard.run_world({"mode": "import", "config": cfg.to_dict(), "family": ckpt.family,
+                           "shape": ckpt.shape, "input": staged, "output": args.output,
+                           "meta": dict(ckpt.meta), "optimizer": args.optimizer_state}, world)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    carried = "optimizer state carried" if args.optimizer_state else "no optimizer state"
+    return (f"TP={tp}, EP={ep}, {world} processes, ZeRO {cfg.parallel.zero_stage}, "
+            f"{carried}")
+
+
+def convert(args: argparse.Namespace) -> str:
+    """Do the conversion; returns a one-line summary."""
+    _check_args(args)
     ckpt = load_checkpoint(args.input)
     cfg = ckpt.cfg
     shape = (f"{cfg.moe.num_experts} experts, router {cfg.moe.router_type}" if cfg.moe.is_moe
@@ -72,6 +168,13 @@ def convert(args: argparse.Namespace) -> str:
     if args.to == "consolidated":
         build_model(ckpt, args.input)  # validates names and shapes against the config
         save_consolidated(ckpt, args.output)
+        if args.optimizer_state:
+            _source_optimizer(args, ckpt, args.output)
+            shape += ", optimizer state"
+    elif args.to == "deepspeed" and (args.optimizer_state or args.tensor_model_parallel_size > 1
+                                     or args.zero_stage is not None):
+        build_model(ckpt, args.input, dropless=False)
+        shape += ", " + _to_layout(args, ckpt)
     elif args.to == "deepspeed":
         from megatron_selfroute.checkpoint.deepspeed_io import write_deepspeed
 

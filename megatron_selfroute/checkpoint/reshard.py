@@ -1,0 +1,423 @@
+"""Move a training checkpoint between layouts with its optimizer state (issue 20).
+
+ZeRO partitions a flat buffer of each parameter group over the (expert-)data-parallel ranks, and
+tensor parallelism shards the parameters themselves, so a DeepSpeed checkpoint's optimizer files
+only load into the layout that wrote them. The layout-free form is the consolidated checkpoint
+plus `optimizer.safetensors`: for every parameter under its one-device name (global expert ids,
+the tied output layer once) its fp32 master weight (`<name>::master`) and Adam's two moments
+(`<name>::exp_avg`, `<name>::exp_avg_sq`), with Adam's step count, the iteration, the consumed
+samples and the skipped steps in the header.
+
+Both directions run the real engine, on CPU, in the world of the layout they read or write
+(`run_world` starts the processes, as `tools/checkpoint/convert.py` does), so DeepSpeed itself
+places every value:
+
+- export: the source world loads the checkpoint with its optimizer states
+  (`engine.load_checkpoint`), reads each parameter's master and moments through DeepSpeed's
+  public accessors (`deepspeed.utils.safe_get_full_fp32_param` /
+  `safe_get_full_optimizer_state`, which reassemble a ZeRO-1/2 partition), and rank 0 puts the
+  tensor-parallel shards back (each shard's own `tp_shard`) and the experts under their global
+  ids;
+- import: the target world builds its engine, gives every rank its slice of each tensor
+  (`tp_shard`, its experts) through `safe_set_full_fp32_param` / `safe_set_full_optimizer_state`
+  (or the optimizer's own state for ZeRO-0), and saves with the trainer's atomic
+  `save_checkpoint`: the result is an ordinary checkpoint of the new layout that resumes with
+  its optimizer.
+
+The processes use DeepSpeed's CPU accelerator and gloo even on a GPU machine; each holds its own
+shard of the model and optimizer, and export sends rank 0 one copy of every tensor (the
+consolidated checkpoint's size).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megatron_selfroute.checkpoint import CheckpointFormatError
+from megatron_selfroute.checkpoint.adapters import EXPERT_MARK, FAMILIES
+
+OPTIMIZER = "optimizer.safetensors"
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+META_KEYS = ("step", "iteration", "consumed_train_samples", "skipped_steps")
+
+
+def has_optimizer_state(path: str) -> bool:
+    """A consolidated directory that carries `optimizer.safetensors`."""
+    return os.path.isfile(os.path.join(path, OPTIMIZER))
+
+
+# ---- names ---------------------------------------------------------------------------------
+
+def global_name(model: nn.Module, name: str) -> str:
+    """One-device name of a (local) parameter or buffer: a local expert's index becomes its
+    global expert id."""
+    if EXPERT_MARK not in name:
+        return name
+    head, tail = name.split(EXPERT_MARK, 1)
+    local, rest = tail.split(".", 1)
+    experts = model.get_submodule(head + ".deepspeed_moe.experts")
+    return f"{head}{EXPERT_MARK}{experts.global_id(int(local))}.{rest}"
+
+
+def _ema_owner(name: str) -> str:
+    """`blocks.0.attn.qkv.ema_weight` -> `blocks.0.attn.qkv.weight` (a ViT's EMA buffer)."""
+    owner, _, leaf = name.rpartition(".")
+    return f"{owner}.{leaf[4:]}" if leaf.startswith("ema_") else name
+
+
+# ---- the optimizer DeepSpeed built ---------------------------------------------------------
+
+def _kind(engine) -> str:
+    opt = engine.optimizer
+    if hasattr(opt, "single_partition_of_fp32_groups"):
+        return "zero"  # DeepSpeedZeroOptimizer (ZeRO-1/2, fp32 or bf16)
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+        return "unfused"  # FP16_UnfusedOptimizer (ZeRO-0 bf16)
+    if isinstance(opt, torch.optim.Optimizer):
+        return "torch"  # ZeRO-0 fp32: the AdamW itself
+    raise CheckpointFormatError(f"the optimizer {type(opt).__name__} has no resharding path")
+
+
+def _masters(engine) -> dict[int, Tensor]:
+    """id(model parameter) -> its fp32 master, for the optimizers that keep whole masters."""
+    opt = engine.optimizer
+    if _kind(engine) == "unfused":
+        return {id(lp): hp for lg, hg in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                for lp, hp in zip(lg, hg, strict=True)}
+    return {id(p): p for p in engine.module.parameters()}
+
+
+def _base_state(engine) -> dict:
+    opt = engine.optimizer
+    return opt.optimizer.state if _kind(engine) in ("zero", "unfused") else opt.state
+
+
+def _link_zero_state(engine) -> None:
+    """Point every parameter's fragment at the flat partitions' optimizer state (DeepSpeed
+    links it lazily after its first step, and not after a checkpoint load)."""
+    opt = engine.optimizer
+    opt._hp_optimizer_states_linked = False
+    opt._lazy_init_hp_params_optimizer_state()
+
+
+def _adam_step(engine) -> int:
+    steps = {float(s["step"]) for s in _base_state(engine).values() if "step" in s}
+    if not steps:
+        raise CheckpointFormatError("the optimizer holds no state yet (a checkpoint saved "
+                                    "before the first optimizer step)")
+    if len(steps) != 1:
+        raise CheckpointFormatError(f"the optimizer's parameter groups disagree on Adam's step "
+                                    f"count ({sorted(steps)})")
+    return int(steps.pop())
+
+
+def local_optimizer_state(engine) -> dict[str, dict[str, Tensor]]:
+    """This rank's parameters (local names): fp32 master and both moments, each of the
+    parameter's local (tensor-parallel shard) shape. Collective over the ZeRO partition groups
+    (every rank calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    kind = _kind(engine)
+    if kind == "zero":
+        _link_zero_state(engine)
+    masters, state = _masters(engine), _base_state(engine)
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if kind == "zero":
+            vals = {"master": safe_get_full_fp32_param(p),
+                    "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                    "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+        else:
+            hp = masters[id(p)]
+            st = state.get(hp, {})
+            if "exp_avg" not in st:
+                raise CheckpointFormatError(f"{name}: no Adam state in the optimizer")
+            vals = {"master": hp, "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+        out[name] = {k: v.detach().float().cpu().reshape(p.shape).clone()
+                     for k, v in vals.items()}
+    return out
+
+
+def _sends(layout, name: str) -> bool:
+    """Whether this rank contributes `name` to the gathered state: dense tensors from the first
+    data-parallel replica (each TP rank its shard), experts from the first expert-data replica
+    of each expert-parallel rank."""
+    if EXPERT_MARK in name:
+        return layout.edp_rank == 0
+    return layout.dp_rank == 0
+
+
+def gather_optimizer_state(engine, layout) -> Optional[dict[str, Tensor]]:
+    """Every rank calls it; rank 0 returns the one-device `optimizer.safetensors` tensors
+    ({"<name>::<key>": tensor}), the others None."""
+    from megatron_selfroute.parallel.tensor_parallel import full_shape, is_tp_sharded
+
+    model = engine.module
+    local = local_optimizer_state(engine)
+    params = dict(model.named_parameters())
+    mine = {}
+    for name, vals in local.items():
+        if not _sends(layout, name):
+            continue
+        p = params[name]
+        where = None
+        if is_tp_sharded(p):  # the flat positions of this shard in the full tensor
+            shape = full_shape(p)
+            where = p.tp_shard(torch.arange(int(torch.Size(shape).numel())).view(shape))
+        mine[global_name(model, name)] = (where, tuple(full_shape(p)), vals)
+    parts = [None] * layout.world_size
+    if layout.world_size == 1:
+        parts = [mine]
+    else:
+        dist.gather_object(mine, parts if layout.rank == 0 else None, dst=0)
+    if layout.rank != 0:
+        return None
+    full: dict[str, Tensor] = {}
+    for part in parts:
+        for name, (where, shape, vals) in part.items():
+            for key, t in vals.items():
+                if where is None:
+                    full[f"{name}::{key}"] = t.contiguous()
+                    continue
+                dst = full.setdefault(f"{name}::{key}", torch.zeros(shape, dtype=t.dtype))
+                dst.view(-1)[where.reshape(-1)] = t.reshape(-1)
+    return full
+
+
+# ---- import ----------------------------------------------------------------------------------
+
+def _shard_for(model: nn.Module, name: str, full: Tensor, params: dict) -> Tensor:
+    """This rank's piece of the one-device tensor `full` for local parameter/buffer `name`."""
+    from megatron_selfroute.parallel.tensor_parallel import is_tp_sharded
+
+    owner = params.get(name)
+    if owner is None:
+        owner = params.get(_ema_owner(name))
+    if owner is not None and is_tp_sharded(owner):
+        return owner.tp_shard(full)
+    return full
+
+
+def restore(engine, weights: dict[str, Tensor], optim: Optional[dict[str, Tensor]],
+            step: int) -> None:
+    """Give this rank its slice of the one-device `weights` (every parameter and buffer) and,
+    when `optim` is given, of every master and moment, with Adam's `step`. No collectives."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    model = engine.module
+    params = dict(model.named_parameters())
+    missing, loaded = [], set()
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if id(t) in loaded:
+                continue  # a tied output layer: the input embedding's tensor, loaded once
+            g = global_name(model, name)
+            src = weights.get(g)
+            if src is None:
+                missing.append(g)
+                continue
+            piece = _shard_for(model, name, src, params)
+            if tuple(piece.shape) != tuple(t.shape):
+                raise CheckpointFormatError(f"{g}: this layout's piece has shape "
+                                            f"{tuple(t.shape)}, the checkpoint gives "
+                                            f"{tuple(piece.shape)}")
+            t.copy_(piece.to(t.dtype))
+            loaded.add(id(t))
+    if missing:
+        raise CheckpointFormatError(f"the checkpoint lacks {len(missing)} tensors of this model "
+                                    f"(e.g. {missing[0]})")
+    if optim is None:
+        return
+    kind = _kind(engine)
+    state = _base_state(engine)
+    if kind == "zero":  # Adam's state on each flat partition, then linked to the fragments
+        for flat in engine.optimizer.single_partition_of_fp32_groups:
+            state[flat] = {"step": torch.tensor(float(step)),
+                           "exp_avg": torch.zeros_like(flat),
+                           "exp_avg_sq": torch.zeros_like(flat)}
+        _link_zero_state(engine)
+    masters = _masters(engine)
+    with torch.no_grad():
+        for name, p in params.items():
+            if not p.requires_grad:
+                continue
+            g = global_name(model, name)
+            vals = {}
+            for key in STATE_KEYS:
+                full = optim.get(f"{g}::{key}")
+                if full is None:
+                    raise CheckpointFormatError(f"{OPTIMIZER} has no {key} of {g}")
+                vals[key] = _shard_for(model, name, full, params).reshape(p.shape).float()
+            p.copy_(vals["master"].to(p.dtype))
+            if kind == "zero":
+                safe_set_full_fp32_param(p, vals["master"])
+                safe_set_full_optimizer_state(p, vals["exp_avg"], "exp_avg")
+                safe_set_full_optimizer_state(p, vals["exp_avg_sq"], "exp_avg_sq")
+                continue
+            hp = masters[id(p)]
+            hp.copy_(vals["master"])
+            st = state.setdefault(hp, {})
+            st["step"] = torch.tensor(float(step), device=hp.device)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key].copy_(vals[key])
+                else:
+                    st[key] = vals[key].to(hp.device).clone()
+
+
+# ---- the processes ---------------------------------------------------------------------------
+
+def _build(job: dict):
+    """Config, layout and engine of the job's layout, on this rank."""
+    from megatron_selfroute.config import Config
+    from megatron_selfroute.parallel.engine import build_engine
+    from megatron_selfroute.parallel.layout import ParallelLayout, init_distributed
+    from megatron_selfroute.training.loop import resolve_config
+
+    init_distributed("gloo", 30.0)
+    cfg = Config.from_dict(job["config"])
+    cfg.train.load = cfg.train.save = None
+    layout = ParallelLayout.from_config(cfg, check=False)
+    layout.validate(cfg)
+    layout.build_groups()
+    cfg = resolve_config(cfg, layout)
+    model = FAMILIES[job["family"]].build_parallel(cfg, job.get("shape") or {}, layout)
+    return cfg, layout, build_engine(model, cfg, layout)
+
+
+def _export(job: dict) -> None:
+    from safetensors.torch import save_file
+
+    from megatron_selfroute.checkpoint.files import resolve_tag_dir
+
+    cfg, layout, engine = _build(job)
+    tag_dir = resolve_tag_dir(job["input"])  # verified by the converter before it got here
+    save_dir, tag = os.path.dirname(tag_dir), os.path.basename(tag_dir)
+    try:
+        engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointFormatError(f"{tag_dir}: its optimizer states do not load ({first})"
+                                    ) from None
+    step = _adam_step(engine)
+    full = gather_optimizer_state(engine, layout)
+    if layout.rank == 0:
+        meta = {k: str(v) for k, v in job["meta"].items()}
+        meta.update(format="pt", step=str(step))
+        save_file(full, os.path.join(job["output"], OPTIMIZER), metadata=meta)
+
+
+def _import(job: dict) -> None:
+    from safetensors import safe_open
+
+    from megatron_selfroute.seeding import mix_seed
+    from megatron_selfroute.training import checkpointing
+
+    cfg, layout, engine = _build(job)
+    src = job["input"]
+
+    def read(path: str) -> dict[str, Tensor]:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    from megatron_selfroute.checkpoint.consolidated import WEIGHTS
+
+    weights = read(os.path.join(src, WEIGHTS))
+    optim, meta = None, dict(job["meta"])
+    if job.get("optimizer"):
+        with safe_open(os.path.join(src, OPTIMIZER), "pt") as f:
+            header = f.metadata() or {}
+        optim = read(os.path.join(src, OPTIMIZER))
+        meta.update({k: int(header[k]) for k in META_KEYS if k in header})
+    restore(engine, weights, optim, int(meta.get("step", 0)))
+    del weights, optim
+    state = checkpointing.ResumeState(int(meta.get("iteration", 0)),
+                                      int(meta.get("consumed_train_samples", 0)),
+                                      int(meta.get("skipped_steps", 0)))
+    engine.global_steps = state.iteration
+    engine.global_samples = state.consumed_train_samples
+    torch.manual_seed(mix_seed(cfg.train.seed, state.iteration, layout.rank))
+    checkpointing.save_checkpoint(engine, job["output"], cfg, state, layout,
+                                  job.get("shape") or {}, job["family"],
+                                  extra_run_state=None if job.get("optimizer")
+                                  else {"weights_only": True})
+
+
+def _worker(job_path: str) -> None:
+    from megatron_selfroute.parallel.groups import shutdown
+
+    with open(job_path) as f:
+        job = json.load(f)
+    try:
+        (_export if job["mode"] == "export" else _import)(job)
+        shutdown()
+    except Exception as e:  # noqa: BLE001 - one line for the parent, the traceback in the log
+        from megatron_selfroute.config import ConfigError
+
+        if not isinstance(e, (CheckpointFormatError, ConfigError)):
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: [rank {os.environ.get('RANK', '0')}] {first}", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+
+def run_world(job: dict, world_size: int, timeout: float = 3600.0) -> None:
+    """Run `job` (export or import) on `world_size` CPU processes of gloo; raises
+    CheckpointFormatError with the first rank's error line when one fails."""
+    from megatron_selfroute.parallel.layout import _free_port, launcher_env
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with tempfile.TemporaryDirectory(prefix="msr_reshard_") as tmp:
+        job_path = os.path.join(tmp, "job.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        port = _free_port()
+        procs = []
+        for rank in range(world_size):
+            env = dict(os.environ, **launcher_env(rank, world_size, port),
+                       DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                       PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "w")
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "megatron_selfroute.checkpoint.reshard", job_path],
+                env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        failed = []
+        for rank, (p, log) in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q, _ in procs:
+                    q.kill()
+                rc = "timeout"
+            log.close()
+            if rc != 0:
+                failed.append(rank)
+        if failed:
+            for q, _ in procs:
+                if q.poll() is None:
+                    q.kill()
+            lines = []
+            for rank in failed:
+                with open(os.path.join(tmp, f"rank{rank}.log")) as f:
+                    text = [ln for ln in f.read().splitlines() if ln.strip()]
+                errors = [ln for ln in text if ln.startswith("error:")]
+                lines.append(errors[0] if errors else (text[-1] if text else "no output"))
+            raise CheckpointFormatError(f"{job['mode']} on {world_size} processes failed: "
+                                        f"{lines[0]}")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
