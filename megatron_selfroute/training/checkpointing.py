@@ -257,7 +257,8 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
         raise CheckpointError(
             f"{path} has --expert-model-parallel-size {old_ep}, this run "
             f"{cfg.parallel.expert_model_parallel_size}; convert it with "
-            "tools/checkpoint/convert.py")
+            "tools/checkpoint/convert.py --to deepspeed --optimizer-state "
+            f"--expert-model-parallel-size {cfg.parallel.expert_model_parallel_size}")
 
 
 def _interrupted_first_save(load_dir: str) -> Optional[str]:
@@ -288,8 +289,9 @@ def _refuse_other_kinds(load_dir: str) -> None:
     if any(os.path.isfile(os.path.join(load_dir, n)) for n in
            ("model.safetensors", "model.safetensors.index.json", "config.json")):
         raise CheckpointError(f"{flag} is a consolidated or Hugging Face checkpoint; convert it "
-                              "with tools/checkpoint/convert.py --to deepspeed and --load the "
-                              "output with --no-load-optim")
+                              "with tools/checkpoint/convert.py --to deepspeed (add "
+                              "--optimizer-state when it holds optimizer.safetensors, else "
+                              "--load the output with --no-load-optim)")
     tags = checkpoint_tags(load_dir)
     if tags:
         raise CheckpointError(f"{flag} holds {', '.join(tags[-3:])} but no {POINTER}; write the "

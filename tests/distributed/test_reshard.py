@@ -69,6 +69,9 @@ def test_tp2_ep2_checkpoint_moves_to_one_process_and_back_with_its_optimizer(tmp
              *FOUR, "--world-size", "4", "--zero-stage", "2")
     weights_only = tmp_path / "one_weights"  # the conversion without --optimizer-state
     _convert(tmp_path / "c", weights_only, "--to", "deepspeed")
+    # weights only, tensor-parallel: written by a TP = 2 world's own engine
+    _convert(tmp_path / "c", tmp_path / "tp2_weights", "--to", "deepspeed",
+             "--tensor-model-parallel-size", "2")
 
     one, fresh = run_layout(tmp_path / "resume_one", 1, [
         BASE + ["--zero-stage", "0", "--load", str(tmp_path / "one")],
@@ -83,7 +86,7 @@ def test_tp2_ep2_checkpoint_moves_to_one_process_and_back_with_its_optimizer(tmp
     assert abs(fresh["losses"]["4"] - want["4"]) > 1e-4, (fresh, want)
 
     ref = _logits(ck)
-    for path in (tmp_path / "c", tmp_path / "one", tmp_path / "back"):
+    for path in (tmp_path / "c", tmp_path / "one", tmp_path / "back", tmp_path / "tp2_weights"):
         assert torch.allclose(_logits(path), ref, rtol=0, atol=1e-6), path
 
     # the round trip TP2xEP2 -> TP1 -> TP2xEP2 returns every master and moment unchanged

@@ -287,12 +287,18 @@ def test_cli_errors_are_one_line(tmp_path):
           "--expert-model-parallel-size", "3"], "does not divide the 4 experts"),
         (["--input", str(tmp_path / "none"), "--output", str(tmp_path / "o3"), "--to", "hf"],
          "no such checkpoint directory"),
+        (["--input", str(tmp_path / "c"), "--output", str(tmp_path / "o4"), "--to", "hf",
+          "--optimizer-state"], "a Hugging Face export holds weights only"),
+        (["--input", str(tmp_path / "c"), "--output", str(tmp_path / "o5"), "--to", "deepspeed",
+          "--optimizer-state"], "holds no optimizer state"),
+        (["--input", str(tmp_path / "c"), "--output", str(tmp_path / "o6"), "--to", "deepspeed",
+          "--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3"),
     ]
     for args, message in cases:
         code, _, err = run_main("checkpoint/convert.py", *args)
         assert code == 1 and message in err and err.strip().count("\n") == 0, err
     # a failed conversion leaves nothing behind it created, and keeps what was there
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
     assert (tmp_path / "full" / "x").exists()
 
 
