@@ -174,7 +174,9 @@ def gather_optimizer_state(engine, layout) -> Optional[dict[str, Tensor]]:
         where = None
         if is_tp_sharded(p):  # the flat positions of this shard in the full tensor
             shape = full_shape(p)
-            where = p.tp_shard(torch.arange(int(torch.Size(shape).numel())).view(shape))
+            n = int(torch.Size(shape).numel())
+            index = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64)
+            where = p.tp_shard(index.view(shape))
         mine[global_name(model, name)] = (where, tuple(full_shape(p)), vals)
     parts = [None] * layout.world_size
     if layout.world_size == 1:
@@ -197,6 +199,16 @@ def gather_optimizer_state(engine, layout) -> Optional[dict[str, Tensor]]:
 
 # ---- import ----------------------------------------------------------------------------------
 
+class _Lazy:
+    """`get(name)` of an open safetensors file: a tensor read when asked for, else None."""
+
+    def __init__(self, f):
+        self.f, self.names = f, set(f.keys())
+
+    def get(self, name: str) -> Optional[Tensor]:
+        return self.f.get_tensor(name) if name in self.names else None
+
+
 def _shard_for(model: nn.Module, name: str, full: Tensor, params: dict) -> Tensor:
     """This rank's piece of the one-device tensor `full` for local parameter/buffer `name`."""
     from megatron_selfroute.parallel.tensor_parallel import is_tp_sharded
@@ -209,10 +221,10 @@ def _shard_for(model: nn.Module, name: str, full: Tensor, params: dict) -> Tenso
     return full
 
 
-def restore(engine, weights: dict[str, Tensor], optim: Optional[dict[str, Tensor]],
-            step: int) -> None:
+def restore(engine, weights, optim, step: int) -> None:
     """Give this rank its slice of the one-device `weights` (every parameter and buffer) and,
-    when `optim` is given, of every master and moment, with Adam's `step`. No collectives."""
+    when `optim` is given, of every master and moment, with Adam's `step`; both are mappings
+    with `get(name)` (a dict, or `_Lazy`). No collectives."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     model = engine.module
@@ -258,7 +270,12 @@ def restore(engine, weights: dict[str, Tensor], optim: Optional[dict[str, Tensor
                 full = optim.get(f"{g}::{key}")
                 if full is None:
                     raise CheckpointFormatError(f"{OPTIMIZER} has no {key} of {g}")
-                vals[key] = _shard_for(model, name, full, params).reshape(p.shape).float()
+                piece = _shard_for(model, name, full, params)
+                if tuple(piece.shape) != tuple(p.shape):
+                    raise CheckpointFormatError(f"{OPTIMIZER}: {g}::{key} gives this layout a "
+                                                f"piece of shape {tuple(piece.shape)}, the "
+                                                f"parameter has {tuple(p.shape)}")
+                vals[key] = piece.float()
             p.copy_(vals["master"].to(p.dtype))
             if kind == "zero":
                 safe_set_full_fp32_param(p, vals["master"])
@@ -288,12 +305,19 @@ def _build(job: dict):
     init_distributed("gloo", 30.0)
     cfg = Config.from_dict(job["config"])
     cfg.train.load = cfg.train.save = None
+    if cfg.train.train_iters is None and cfg.train.train_samples is None:
+        cfg.train.train_iters = 1  # an imported model (Hugging Face) has no schedule
     layout = ParallelLayout.from_config(cfg, check=False)
     layout.validate(cfg)
     layout.build_groups()
     cfg = resolve_config(cfg, layout)
+    extra = None
+    if cfg.parallel.deepspeed_config:  # its ZeRO options shape the flat partitions
+        from megatron_selfroute.parallel.engine import merge_deepspeed_json
+
+        extra = merge_deepspeed_json(cfg, cfg.parallel.deepspeed_config, set())
     model = FAMILIES[job["family"]].build_parallel(cfg, job.get("shape") or {}, layout)
-    return cfg, layout, build_engine(model, cfg, layout)
+    return cfg, layout, build_engine(model, cfg, layout, extra)
 
 
 def _export(job: dict) -> None:
@@ -328,21 +352,20 @@ def _import(job: dict) -> None:
     cfg, layout, engine = _build(job)
     src = job["input"]
 
-    def read(path: str) -> dict[str, Tensor]:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-
     from megatron_selfroute.checkpoint.consolidated import WEIGHTS
 
-    weights = read(os.path.join(src, WEIGHTS))
-    optim, meta = None, dict(job["meta"])
-    if job.get("optimizer"):
-        with safe_open(os.path.join(src, OPTIMIZER), "pt") as f:
-            header = f.metadata() or {}
-        optim = read(os.path.join(src, OPTIMIZER))
-        meta.update({k: int(header[k]) for k in META_KEYS if k in header})
-    restore(engine, weights, optim, int(meta.get("step", 0)))
-    del weights, optim
+    meta = dict(job["meta"])
+    with safe_open(os.path.join(src, WEIGHTS), "pt") as wf:
+        optim = None
+        if job.get("optimizer"):
+            optim = safe_open(os.path.join(src, OPTIMIZER), "pt")
+            header = optim.metadata() or {}
+            if "step" not in header:
+                raise CheckpointFormatError(f"{OPTIMIZER}: no Adam step in its header")
+            meta.update({k: int(header[k]) for k in META_KEYS if k in header})
+        # each rank reads only the tensors it needs, one at a time
+        restore(engine, _Lazy(wf), None if optim is None else _Lazy(optim),
+                int(meta.get("step", 0)))
     state = checkpointing.ResumeState(int(meta.get("iteration", 0)),
                                       int(meta.get("consumed_train_samples", 0)),
                                       int(meta.get("skipped_steps", 0)))
@@ -369,54 +392,66 @@ def _worker(job_path: str) -> None:
         if not isinstance(e, (CheckpointFormatError, ConfigError)):
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: [rank {os.environ.get('RANK', '0')}] {first}", file=sys.stderr,
-              flush=True)
+        print(f"error: {first}", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+def _last_error(log_path: str) -> str:
+    with open(log_path, errors="replace") as f:
+        text = [ln for ln in f.read().splitlines() if ln.strip()]
+    errors = [ln for ln in text if ln.startswith("error: ")]
+    if errors:
+        return errors[0][len("error: "):]
+    return (text[-1] if text else "no output") + f" (log: {log_path})"
 
 
 def run_world(job: dict, world_size: int, timeout: float = 3600.0) -> None:
     """Run `job` (export or import) on `world_size` CPU processes of gloo; raises
-    CheckpointFormatError with the first rank's error line when one fails."""
+    CheckpointFormatError naming the first rank that failed (its error line, a signal, or the
+    timeout). The processes never outlive this call."""
+    import signal
+    import time
+
     from megatron_selfroute.parallel.layout import _free_port, launcher_env
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    what = f"{job['mode']} on {world_size} processes"
     with tempfile.TemporaryDirectory(prefix="msr_reshard_") as tmp:
         job_path = os.path.join(tmp, "job.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
         port = _free_port()
         procs = []
-        for rank in range(world_size):
-            env = dict(os.environ, **launcher_env(rank, world_size, port),
-                       DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-                       PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w")
-            procs.append((subprocess.Popen(
-                [sys.executable, "-m", "megatron_selfroute.checkpoint.reshard", job_path],
-                env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        failed = []
-        for rank, (p, log) in enumerate(procs):
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q, _ in procs:
-                    q.kill()
-                rc = "timeout"
-            log.close()
-            if rc != 0:
-                failed.append(rank)
-        if failed:
-            for q, _ in procs:
-                if q.poll() is None:
-                    q.kill()
-            lines = []
-            for rank in failed:
-                with open(os.path.join(tmp, f"rank{rank}.log")) as f:
-                    text = [ln for ln in f.read().splitlines() if ln.strip()]
-                errors = [ln for ln in text if ln.startswith("error:")]
-                lines.append(errors[0] if errors else (text[-1] if text else "no output"))
-            raise CheckpointFormatError(f"{job['mode']} on {world_size} processes failed: "
-                                        f"{lines[0]}")
+        try:
+            for rank in range(world_size):
+                env = dict(os.environ, **launcher_env(rank, world_size, port),
+                           DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
+                           OMP_NUM_THREADS="1", PYTHONPATH=path)
+                with open(os.path.join(tmp, f"rank{rank}.log"), "w") as log:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "megatron_selfroute.checkpoint.reshard",
+                         job_path], env=env, stdout=log, stderr=subprocess.STDOUT))
+            deadline = time.monotonic() + timeout
+            while True:
+                codes = [p.poll() for p in procs]
+                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+                if bad:
+                    rank, code = bad[0]
+                    log = os.path.join(tmp, f"rank{rank}.log")
+                    why = (f"killed by signal {signal.Signals(-code).name}" if code < 0
+                           else _last_error(log))
+                    raise CheckpointFormatError(f"{what} failed on rank {rank}: {why}")
+                if all(c == 0 for c in codes):
+                    return
+                if time.monotonic() > deadline:
+                    raise CheckpointFormatError(f"{what} timed out after {timeout:.0f} s")
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
 
 
 if __name__ == "__main__":

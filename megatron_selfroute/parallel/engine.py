@@ -260,8 +260,22 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
                                                     expert_writers=layout.tp)
     engine.own_clipping = _own_clipping(cfg)
     if cfg.parallel.zero_stage == 0 and layout.world_size == 1:
-        # One process: DeepSpeed's ZeRO-0 gradient "all-reduce" would still flatten every
-        # gradient, reduce over a group of one, scale by 1/1 and copy back (1.5 ms of a 22 ms
-        # CPU step at bench_train's small shape), an exact identity.
-        engine.enable_backward_allreduce = False
+        _identity_allreduce(engine)
     return engine
+
+
+def _identity_allreduce(engine) -> None:
+    """One process: DeepSpeed's ZeRO-0 gradient "all-reduce" would still flatten every
+    gradient, reduce over a group of one, scale by 1/1 and copy back (1.5 ms of a 22 ms CPU step
+    at bench_train's small shape), an identity but for one thing kept here: at the accumulation
+    boundary a parameter without a gradient (an expert no token chose) gets a zero one, so Adam
+    steps it (its moments decay, weight decay applies) as on more processes."""
+    params = [p for p in engine.module.parameters() if p.requires_grad and p.numel()]
+
+    def allreduce_gradients(bucket_size=None):
+        if engine.is_gradient_accumulation_boundary():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = allreduce_gradients

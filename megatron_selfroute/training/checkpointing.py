@@ -258,7 +258,8 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
             f"{path} has --expert-model-parallel-size {old_ep}, this run "
             f"{cfg.parallel.expert_model_parallel_size}; convert it with "
             "tools/checkpoint/convert.py --to deepspeed --optimizer-state "
-            f"--expert-model-parallel-size {cfg.parallel.expert_model_parallel_size}")
+            f"--expert-model-parallel-size {cfg.parallel.expert_model_parallel_size} and this "
+            "run's --tensor-model-parallel-size and --world-size")
 
 
 def _interrupted_first_save(load_dir: str) -> Optional[str]:

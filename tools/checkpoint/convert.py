@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -84,23 +85,30 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.to == "hf" and args.optimizer_state:
         raise CheckpointFormatError("--optimizer-state: a Hugging Face export holds weights only")
     if args.to != "deepspeed" and (args.tensor_model_parallel_size > 1 or args.zero_stage
-                                   is not None):
-        raise CheckpointFormatError("--tensor-model-parallel-size and --zero-stage describe a "
-                                    "--to deepspeed output")
+                                   is not None or args.expert_model_parallel_size > 1
+                                   or args.world_size is not None):
+        raise CheckpointFormatError("--tensor-model-parallel-size, --expert-model-parallel-size, "
+                                    "--world-size and --zero-stage describe a --to deepspeed "
+                                    "output")
 
 
-def _source_optimizer(args: argparse.Namespace, ckpt, out_dir: str) -> None:
-    """Write the input's optimizer state as `out_dir/optimizer.safetensors` (exported by the
-    input's own world when it is a DeepSpeed checkpoint)."""
-    import shutil
+def _engine_path_ok(ckpt) -> None:
+    """What the CPU engine worlds of `checkpoint/reshard.py` cannot run."""
+    if ckpt.cfg.train.fp16:
+        raise CheckpointFormatError("an fp16 checkpoint cannot go through the CPU conversion "
+                                    "engine (DeepSpeed's CPU accelerator has no fp16, and the "
+                                    "loss scaler is not carried); convert without "
+                                    "--optimizer-state, at TP 1")
 
+
+def _optimizer_source(args: argparse.Namespace) -> Optional[dict]:
+    """Check that the input carries an optimizer state before anything is written; returns
+    the run state of a DeepSpeed input (None for a consolidated one)."""
     from megatron_selfroute.checkpoint import deepspeed_io, reshard
     from megatron_selfroute.checkpoint.files import resolve_tag_dir
 
     if reshard.has_optimizer_state(args.input):
-        shutil.copyfile(os.path.join(args.input, reshard.OPTIMIZER),
-                        os.path.join(out_dir, reshard.OPTIMIZER))
-        return
+        return None
     if not deepspeed_io.is_deepspeed_checkpoint(args.input):
         raise CheckpointFormatError(f"--optimizer-state: {args.input} holds no optimizer state "
                                     "(a consolidated checkpoint without "
@@ -110,6 +118,24 @@ def _source_optimizer(args: argparse.Namespace, ckpt, out_dir: str) -> None:
     if state.get("weights_only"):
         raise CheckpointFormatError(f"--optimizer-state: {tag_dir} holds weights only (a "
                                     "converted checkpoint without optimizer state)")
+    return state
+
+
+def _source_optimizer(args: argparse.Namespace, ckpt, out_dir: str) -> None:
+    """Write the input's optimizer state as `out_dir/optimizer.safetensors` (exported by the
+    input's own world when it is a DeepSpeed checkpoint)."""
+    import shutil
+
+    from megatron_selfroute.checkpoint import reshard
+    from megatron_selfroute.checkpoint.files import resolve_tag_dir
+
+    state = _optimizer_source(args)
+    if state is None:
+        shutil.copyfile(os.path.join(args.input, reshard.OPTIMIZER),
+                        os.path.join(out_dir, reshard.OPTIMIZER))
+        return
+    _engine_path_ok(ckpt)
+    tag_dir = resolve_tag_dir(args.input)
     world = int(state["world_size"])
     print(f"> reading the optimizer states of {tag_dir} on {world} CPU processes",
           file=sys.stderr, flush=True)
@@ -129,6 +155,9 @@ def _to_layout(args: argparse.Namespace, ckpt) -> str:
     from megatron_selfroute.config import Config
     from megatron_selfroute.parallel.layout import ParallelLayout
 
+    _engine_path_ok(ckpt)
+    if args.optimizer_state:
+        _optimizer_source(args)
     cfg = Config.from_dict(ckpt.cfg.to_dict())
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     cfg.parallel.tensor_model_parallel_size = tp
@@ -167,6 +196,8 @@ def convert(args: argparse.Namespace) -> str:
         shape = f"{ckpt.family}, {shape}"
     if args.to == "consolidated":
         build_model(ckpt, args.input)  # validates names and shapes against the config
+        if args.optimizer_state:
+            _optimizer_source(args)  # refused before anything is written
         save_consolidated(ckpt, args.output)
         if args.optimizer_state:
             _source_optimizer(args, ckpt, args.output)
@@ -199,15 +230,24 @@ def convert(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     existed = os.path.exists(args.output)
+    was_empty = os.path.isdir(args.output) and not os.listdir(args.output)
     try:
         with one_line_errors(args.debug, (CheckpointFormatError, ValueError, OSError)):
             print(convert(args))
     except SystemExit:
-        # a failed conversion leaves no half-written output behind (only what it created)
-        if not existed and os.path.isdir(args.output):
-            import shutil
+        # a failed conversion leaves no half-written output behind (only what it created: an
+        # --output that existed and was empty is emptied again)
+        import shutil
 
+        if not existed and os.path.isdir(args.output):
             shutil.rmtree(args.output, ignore_errors=True)
+        elif was_empty and os.path.isdir(args.output):
+            for name in os.listdir(args.output):
+                path = os.path.join(args.output, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
         raise
 
 
