@@ -1,5 +1,6 @@
 """Every rank's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, ints,
-floats, strings, tuples): torch, Python's `random`, numpy, and CUDA when present."""
+floats, strings, tuples): torch, Python's `random`, numpy, CUDA when present, and the
+tensor-parallel dropout stream (`parallel/tensor_parallel.TensorParallelRNG`) once it was used."""
 from __future__ import annotations
 
 import random
@@ -19,7 +20,16 @@ def capture() -> dict:
              "numpy": _encode_numpy(np.random.get_state())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    tp = _tp_rng()
+    if tp is not None and tp.states:  # attention dropout's stream under tensor parallelism
+        state["tensor_parallel"] = tp.snapshot()
     return state
+
+
+def _tp_rng():
+    from megatron_selfroute.parallel.tensor_parallel import tp_rng
+
+    return tp_rng()
 
 
 def restore(state: dict) -> None:
@@ -30,6 +40,9 @@ def restore(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    tp = _tp_rng()
+    if tp is not None and "tensor_parallel" in state:
+        tp.load(state["tensor_parallel"])
 
 
 def seeded(seed: int) -> dict:

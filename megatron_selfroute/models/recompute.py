@@ -84,10 +84,20 @@ def resolve(m: ModelConfig) -> RecomputePlan:
     return RecomputePlan()
 
 
+def _checkpoint(fn: Callable, *args):
+    """Non-reentrant checkpoint; under tensor parallelism the recompute also replays the
+    tensor-parallel dropout stream (torch replays the default generators itself)."""
+    from megatron_selfroute.parallel.tensor_parallel import checkpoint_contexts, tp_rng
+
+    if tp_rng() is None:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=checkpoint_contexts)
+
+
 def maybe_checkpoint(enabled: bool, fn: Callable, *args):
     """fn(*args), recomputed in backward when `enabled` (non-reentrant checkpoint)."""
     if enabled:
-        return checkpoint(fn, *args, use_reentrant=False)
+        return _checkpoint(fn, *args)
     return fn(*args)
 
 
@@ -110,7 +120,7 @@ def run_blocks(blocks, x, attn_mask, ctx, plan: RecomputePlan, training: bool):
                     x_in, a_j = blocks[j](x_in, attn_mask, ctx)
                     total = total + a_j
                 return x_in, total
-            x, a = checkpoint(run, x, use_reentrant=False)
+            x, a = _checkpoint(run, x)
             i = group[-1] + 1
         aux = aux + a
     return x, aux

@@ -6,7 +6,7 @@ Parameter names follow Hugging Face GPT-2 (`ln_1`, `attn.c_attn`, `attn.c_proj`,
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attention_dropout
         self.resid_dropout = nn.Dropout(cfg.hidden_dropout)
         self.recompute_core = False  # selective recompute of softmax(QK^T)V (models/recompute)
+        self.tp_dropout = False  # TP: this rank's heads draw from the TP stream (set by TP)
 
     def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         b, s, _ = x_BSD.shape
@@ -68,11 +69,27 @@ class SelfAttention(nn.Module):
 
     def _core(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         drop = self.attn_dropout if self.training else 0.0
+        if drop > 0 and self.tp_dropout:  # this rank's heads: their own masks
+            from megatron_selfroute.parallel.tensor_parallel import tp_rng
+
+            return _forked(tp_rng(), self._sdpa, q, k, v, attn_mask, drop)
+        return self._sdpa(q, k, v, attn_mask, drop)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+              drop: float) -> Tensor:
         if attn_mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop,
                                                   is_causal=self.is_causal)
         # attn_mask: bool [B, 1, S, S], True = may attend (already causal)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+
+
+@torch.compiler.disable
+def _forked(rng, fn: Callable, *args):
+    """fn(*args) drawing from the tensor-parallel stream `rng` (outside any compiled graph:
+    it swaps generator states)."""
+    with rng.fork(args[0].device):
+        return fn(*args)
 
 
 class Block(nn.Module):

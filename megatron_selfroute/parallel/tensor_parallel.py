@@ -29,12 +29,15 @@ tensors never depend on T.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megatron_selfroute.seeding import mix_seed
 
 # ---- region ops -------------------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ def shard_attention(attn: nn.Module, group, tp: int, rank: int) -> None:
     attn.c_attn = ColumnParallelLinear(attn.c_attn, qkv_shard(tp, rank), group)
     attn.c_proj = RowParallelLinear(attn.c_proj, cols_shard(tp, rank), group)
     attn.num_heads //= tp
+    attn.tp_dropout = True  # this rank's heads draw dropout masks from `tp_rng()`
 
 
 def shard_full_tensor(p: Tensor, full: Tensor) -> Tensor:
@@ -252,7 +256,9 @@ def apply_tensor_parallel(model: nn.Module, layout) -> nn.Module:
 
     if layout.tp == 1:
         return model
+    global _TP_RNG
     group, tp, rank = layout.tp_group, layout.tp, layout.tp_rank
+    _TP_RNG = TensorParallelRNG(model.cfg.train.seed, rank)  # one stream per process
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         shard_attention(block.attn, group, tp, rank)
         if isinstance(block.mlp, MLP):
@@ -272,3 +278,90 @@ def tp_sum_hook(group):
     def hook(grad: Tensor) -> Tensor:
         return _all_reduce(grad.clone(), group)
     return hook
+
+
+# ---- the tensor-parallel RNG stream (Megatron's model-parallel RNG tracker) -----------------
+
+class TensorParallelRNG:
+    """The generator attention dropout draws from under tensor parallelism.
+
+    The default generators are seeded alike on every rank, so an element of a replicated
+    activation (the residual stream, hidden dropout) is dropped on all TP ranks or on none, as it
+    must be. The attention probabilities of this rank's heads exist on this rank only: drawn from
+    the default stream, head h of every TP rank would get the same mask. As Megatron-LM's
+    `model-parallel-rng` does, they come from a stream of their own, seeded from (seed, 2718,
+    tp_rank): `fork(device)` swaps it in for the duration of the call and keeps where it got to.
+    Recompute replays the same masks (`checkpoint_contexts`), and checkpoints save and restore
+    the stream (`checkpoint/rng.py`).
+    """
+
+    def __init__(self, seed: int, tp_rank: int) -> None:
+        self.seed = mix_seed(seed, 2718, tp_rank)
+        self.states: dict[str, Tensor] = {}  # device type -> generator state
+
+    @staticmethod
+    def _get(device: torch.device) -> Tensor:
+        return (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                else torch.get_rng_state())
+
+    @staticmethod
+    def _set(device: torch.device, state: Tensor) -> None:
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+
+    @contextlib.contextmanager
+    def fork(self, device: torch.device):
+        """Draw from this rank's stream inside the block; the default generator of `device`
+        is left exactly as it was."""
+        outer = self._get(device)
+        state = self.states.get(device.type)
+        if state is None:  # first use on this device type: a fresh generator of the seed
+            state = torch.Generator(device=device).manual_seed(self.seed).get_state()
+        self._set(device, state)
+        try:
+            yield
+        finally:
+            self.states[device.type] = self._get(device)
+            self._set(device, outer)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.states.items()}
+
+    def load(self, states: dict[str, Tensor]) -> None:
+        self.states = {k: v.clone() for k, v in states.items()}
+
+
+_TP_RNG: Optional[TensorParallelRNG] = None
+
+
+def tp_rng() -> Optional[TensorParallelRNG]:
+    """This process's tensor-parallel RNG stream (None without tensor parallelism)."""
+    return _TP_RNG
+
+
+def checkpoint_contexts():
+    """`context_fn` of torch.utils.checkpoint: the recompute draws the tensor-parallel stream
+    from where the forward drew it (torch restores the default generators itself)."""
+    rng = _TP_RNG
+    box: dict = {}
+
+    @contextlib.contextmanager
+    def forward():
+        box["states"] = rng.snapshot() if rng is not None else None
+        yield
+
+    @contextlib.contextmanager
+    def recompute():
+        if rng is None or box.get("states") is None:
+            yield
+            return
+        now = rng.snapshot()
+        rng.load(box["states"])
+        try:
+            yield
+        finally:
+            rng.load(now)
+
+    return forward(), recompute()

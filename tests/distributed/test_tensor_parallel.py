@@ -38,8 +38,13 @@ def test_tp2_layers_equal_one_device(tmp_path):
     argvs = {name: a + ["--tensor-model-parallel-size", "2"]
              for name, a in LAYER_CONFIGS.items()}
     env = {f"MSR_TP_ARGV{i}": "\x1f".join(a) for i, a in enumerate(argvs.values())}
-    res = spawn(2, "tests.distributed.tp_cases", [f"argv{i}" for i in range(len(argvs))],
-                tmp_path, env=env, timeout=600)
+    res = spawn(2, "tests.distributed.tp_cases",
+                [f"argv{i}" for i in range(len(argvs))] + ["dropout"], tmp_path, env=env,
+                timeout=600)
+    for rank, r in enumerate(check(res, "dropout")):  # Megatron's model-parallel RNG
+        print("dropout", rank, r)
+        assert r["masks_differ"] and r["default_untouched"], r
+        assert r["full_worst"] < 1e-6 and r["selective_worst"] < 1e-6, r
     for i, name in enumerate(argvs):
         for rank, r in enumerate(check(res, f"argv{i}")):
             print(name, rank, r)
@@ -109,15 +114,17 @@ def test_tp2_ep2_on_four_processes_equals_one_process(tmp_path):
 def test_tp2_moe_resumes_exactly_and_another_layout_is_refused(tmp_path):
     """A TP = 2 MoE run saved at step 2 and resumed gives the straight run's steps 3 and 4
     exactly (ZeRO 0 and 2: each TP rank of the first expert-data replica writes its own
-    mp_rank files), and
+    mp_rank files; with attention dropout, the tensor-parallel stream is saved and restored),
+    and
     loading it with TP = 1 on the same 2 processes is one line naming both layouts."""
     from tests.distributed.harness import spawn
 
     base = ENGINE + ["--router-type", "learned", "--global-batch-size", "4",
                      "--tensor-model-parallel-size", "2"]
     argvs, names = [], []
-    for zero in ("0", "2"):
-        run = base + ["--zero-stage", zero]
+    variants = {"0": [], "2": [], "0_dropout": ["--attention-dropout", "0.2"]}  # the TP stream
+    for zero, extra in variants.items():
+        run = base + ["--zero-stage", zero[0]] + extra
         ck = str(tmp_path / f"ck{zero}")
         argvs += [run, run + ["--save", ck, "--save-interval", "2", "--exit-interval", "2"],
                   run + ["--load", ck, "--save", ck]]
@@ -129,7 +136,7 @@ def test_tp2_moe_resumes_exactly_and_another_layout_is_refused(tmp_path):
     res = spawn(2, "tests.distributed.train_cases", [f"argv{i}" for i in range(len(argvs))],
                 tmp_path / "runs", env=env, timeout=600)
     by = {n: res[f"argv{i}"] for i, n in enumerate(names)}
-    for zero in ("0", "2"):
+    for zero in variants:
         straight, resumed = by[f"straight{zero}"][0], by[f"resumed{zero}"][0]
         assert "error" not in resumed, resumed
         assert sorted(resumed["losses"], key=int) == ["3", "4"]

@@ -84,4 +84,50 @@ def _ref_name(name: str, model) -> str:
     return layout_free_names(model)[name]
 
 
+def dropout() -> dict:
+    """Attention dropout at TP = 2 (Megatron's model-parallel RNG): on identical inputs the two
+    TP ranks' heads get different masks (head h of rank 0 and of rank 1 are other heads of the
+    model), the default generator is left where it was (replicated activations drop alike on
+    both ranks), and recompute (full, or selective core_attn) replays the masks: every gradient
+    equals the run without recompute from the same generator states."""
+    from megatron_selfroute.arguments import parse_args
+    from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
+    from megatron_selfroute.parallel.layout import ParallelLayout
+    from megatron_selfroute.parallel.tensor_parallel import tp_rng
+
+    at = BASE.index("--attention-dropout")
+    flags = BASE[:at] + ["--attention-dropout", "0.3"] + BASE[at + 2:] + [
+        "--num-experts", "4", "--tensor-model-parallel-size", "2"]
+    out, grads = {}, {}
+    for name, extra in (("plain", []), ("full", ["--recompute-granularity", "full"]),
+                        ("selective", ["--recompute-granularity", "selective",
+                                       "--recompute-modules", "core_attn"])):
+        cfg, _ = parse_args(flags + extra)
+        layout = ParallelLayout.from_config(cfg).build_groups()
+        model = parallelize_gpt(GPTModel(cfg, init=False), layout)  # a fresh TP stream
+        if name == "plain":
+            attn = model.transformer.h[0].attn
+            start = tp_rng().snapshot()
+            torch.manual_seed(7)  # identical inputs and default generators on both ranks
+            q = torch.randn(2, attn.num_heads, 8, 8)
+            before = torch.get_rng_state()
+            y = attn._core(q, q, q, None)
+            out["default_untouched"] = bool(torch.equal(before, torch.get_rng_state()))
+            both = [torch.empty_like(y) for _ in range(2)]
+            dist.all_gather(both, y, group=layout.tp_group)
+            out["masks_differ"] = not torch.equal(both[0], both[1])
+            tp_rng().load(start)
+        torch.manual_seed(123)  # every model starts from the same generator states
+        tokens, labels, index = _batch(cfg)
+        res = model(tokens, labels=labels, token_index=index)
+        (res.loss.mean() + res.aux_loss).backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in ("full", "selective"):
+        out[f"{name}_worst"] = max(((grads[name][n] - g).abs().max()
+                                    / (g.abs().max() + 1e-12)).item()
+                                   for n, g in grads["plain"].items())
+    return out
+
+
 CASES = argv_cases("MSR_TP_ARGV", compare)
+CASES["dropout"] = dropout
