@@ -62,6 +62,17 @@ def test_tp2_ep2_checkpoint_moves_to_one_process_and_back_with_its_optimizer(tmp
     assert sorted(first["losses"], key=int) == ["1", "2"], first
     want = straight["losses"]
 
+    # tools/checkpoint/verify.py knows a TP checkpoint's files without its manifest
+    import shutil
+
+    old = tmp_path / "old_style" / "iter_0000002"
+    shutil.copytree(ck / "iter_0000002", old)
+    (old / "manifest.json").unlink()
+    (old / "layer_1_expert_3_mp_rank_01_model_states.pt").unlink()
+    report = run_tool("checkpoint/verify.py", str(old), check=False)
+    assert report.returncode == 1 and "layer_1_expert_3_mp_rank_01_model_states.pt: missing" in \
+        report.stdout, report.stdout + report.stderr
+
     _convert(ck, tmp_path / "c", "--to", "consolidated", "--optimizer-state")
     _convert(tmp_path / "c", tmp_path / "one", "--to", "deepspeed", "--optimizer-state",
              "--zero-stage", "0")

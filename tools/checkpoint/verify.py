@@ -6,8 +6,8 @@
     verify.py DIR --latest   only the checkpoint the pointer names
 
 For each checkpoint: its manifest (every file's size and CRC-32 per 16 MiB chunk) against the
-files, and the files its run state implies (model states, one file per MoE layer and global
-expert, an RNG file per rank). Files the manifest does not list are noted, not counted as damage.
+files, and the files its run state implies (model states and one file per MoE layer and global
+expert for each tensor-parallel rank, an RNG file per rank). Files the manifest does not list are noted, not counted as damage.
 Checkpoints written before manifests existed are checked for completeness only and reported as
 unverified.
 
@@ -56,14 +56,16 @@ def expected_files(tag_dir: str) -> list[str]:
             state = json.load(f)
         cfg = Config.from_dict(state["config"])
         world = int(state["world_size"])
+        tp = int((state.get("layout") or {}).get("tp", 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointFormatError(f"{path}: not a run state of this project ({e})") from None
-    names = [MODEL_STATES] + [rng_file(r) for r in range(world)]
+    per_tp = [MODEL_STATES]  # every tensor-parallel rank writes its own mp_rank_XX files
     if cfg.moe.is_moe:
         moe_layers = sum(cfg.moe.layer_pattern(cfg.model.num_layers))
-        names += [expert_file(layer, e) for layer in range(moe_layers)
-                  for e in range(cfg.moe.num_experts)]
-    return names
+        per_tp += [expert_file(layer, e) for layer in range(moe_layers)
+                   for e in range(cfg.moe.num_experts)]
+    names = [n.replace("mp_rank_00", f"mp_rank_{r:02d}") for r in range(tp) for n in per_tp]
+    return names + [rng_file(r) for r in range(world)]
 
 
 def check_tag(tag_dir: str) -> dict:
