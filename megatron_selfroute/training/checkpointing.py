@@ -386,8 +386,11 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
     module_only = tr.finetune or tr.no_load_optim
     if run_state["world_size"] != world and not module_only:
         raise CheckpointError(f"{path} was saved by {run_state['world_size']} processes, this run "
-                              f"has {world}; pass --no-load-optim or --finetune to load weights "
-                              "only")
+                              f"has {world}; convert it with tools/checkpoint/convert.py --to "
+                              f"deepspeed --optimizer-state --world-size {world} (and this run's "
+                              "--tensor-model-parallel-size and --expert-model-parallel-size) "
+                              "to keep the optimizer, or pass --no-load-optim or --finetune to "
+                              "load weights only")
     if not module_only and run_state.get("weights_only"):
         raise CheckpointError(f"{path} has no optimizer states (a converted checkpoint holds "
                               "weights only); add --no-load-optim (or --finetune)")
