@@ -14,35 +14,29 @@ def _encode_numpy(np_state: tuple) -> tuple:
             int(np_state[3]), float(np_state[4]))
 
 
-def capture() -> dict:
-    """This process's generator states."""
+def capture(tp_rng=None) -> dict:
+    """This process's generator states (and `tp_rng`'s, the model's tensor-parallel dropout
+    stream, once it was drawn from)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": _encode_numpy(np.random.get_state())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    tp = _tp_rng()
-    if tp is not None and tp.states:  # attention dropout's stream under tensor parallelism
-        state["tensor_parallel"] = tp.snapshot()
+    if tp_rng is not None and tp_rng.states:
+        state["tensor_parallel"] = tp_rng.snapshot()
     return state
 
 
-def _tp_rng():
-    from megatron_selfroute.parallel.tensor_parallel import tp_rng
-
-    return tp_rng()
-
-
-def restore(state: dict) -> None:
-    """Inverse of `capture`."""
+def restore(state: dict, tp_rng=None) -> None:
+    """Inverse of `capture`; a state without a tensor-parallel stream (written before it
+    existed, or before its first draw) starts `tp_rng` afresh."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    tp = _tp_rng()
-    if tp is not None and "tensor_parallel" in state:
-        tp.load(state["tensor_parallel"])
+    if tp_rng is not None:
+        tp_rng.load(state.get("tensor_parallel", {}))
 
 
 def seeded(seed: int) -> dict:

@@ -17,6 +17,7 @@ functions of their inputs and buffers; the random router of (seed, layer, iterat
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -84,21 +85,34 @@ def resolve(m: ModelConfig) -> RecomputePlan:
     return RecomputePlan()
 
 
-def _checkpoint(fn: Callable, *args):
-    """Non-reentrant checkpoint; under tensor parallelism the recompute also replays the
-    tensor-parallel dropout stream (torch replays the default generators itself)."""
-    from megatron_selfroute.parallel.tensor_parallel import checkpoint_contexts, tp_rng
-
-    if tp_rng() is None:
+def _checkpoint(fn: Callable, *args, rng=None):
+    """Non-reentrant checkpoint; with `rng` (a tensor-parallel dropout stream the region draws
+    from) the recompute replays that stream too (torch replays the default generators itself).
+    Only then is a `context_fn` given: under torch.compile a custom one is refused."""
+    if rng is None:
         return checkpoint(fn, *args, use_reentrant=False)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=checkpoint_contexts)
+    from megatron_selfroute.parallel.tensor_parallel import checkpoint_contexts
+
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=functools.partial(checkpoint_contexts, rng))
 
 
-def maybe_checkpoint(enabled: bool, fn: Callable, *args):
-    """fn(*args), recomputed in backward when `enabled` (non-reentrant checkpoint)."""
+def maybe_checkpoint(enabled: bool, fn: Callable, *args, rng=None):
+    """fn(*args), recomputed in backward when `enabled` (non-reentrant checkpoint; `rng`: the
+    tensor-parallel stream `fn` draws dropout from, if any)."""
     if enabled:
-        return _checkpoint(fn, *args)
+        return _checkpoint(fn, *args, rng=rng)
     return fn(*args)
+
+
+def _dropout_stream(blocks):
+    """The tensor-parallel stream the blocks' attention dropout draws from (None when none
+    does)."""
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if getattr(attn, "tp_rng", None) is not None and attn.attn_dropout > 0:
+            return attn.tp_rng
+    return None
 
 
 def run_blocks(blocks, x, attn_mask, ctx, plan: RecomputePlan, training: bool):
@@ -120,7 +134,7 @@ def run_blocks(blocks, x, attn_mask, ctx, plan: RecomputePlan, training: bool):
                     x_in, a_j = blocks[j](x_in, attn_mask, ctx)
                     total = total + a_j
                 return x_in, total
-            x, a = _checkpoint(run, x)
+            x, a = _checkpoint(run, x, rng=_dropout_stream(blocks[j] for j in group))
             i = group[-1] + 1
         aux = aux + a
     return x, aux

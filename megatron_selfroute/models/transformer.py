@@ -50,7 +50,7 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attention_dropout
         self.resid_dropout = nn.Dropout(cfg.hidden_dropout)
         self.recompute_core = False  # selective recompute of softmax(QK^T)V (models/recompute)
-        self.tp_dropout = False  # TP: this rank's heads draw from the TP stream (set by TP)
+        self.tp_rng = None  # TP: the model's tensor-parallel dropout stream (set by TP)
 
     def forward(self, x_BSD: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         b, s, _ = x_BSD.shape
@@ -62,17 +62,15 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
                    for t in (q, k, v))
         y = maybe_checkpoint(self.recompute_core and self.training, self._core, q, k, v,
-                             attn_mask)
+                             attn_mask, rng=self.tp_rng if self.attn_dropout > 0 else None)
         y = y.transpose(1, 2).contiguous().view(b, s, d)
         return self.resid_dropout(self.c_proj(y))
 
 
     def _core(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         drop = self.attn_dropout if self.training else 0.0
-        if drop > 0 and self.tp_dropout:  # this rank's heads: their own masks
-            from megatron_selfroute.parallel.tensor_parallel import tp_rng
-
-            return _forked(tp_rng(), self._sdpa, q, k, v, attn_mask, drop)
+        if drop > 0 and self.tp_rng is not None:  # this rank's heads: their own masks
+            return _forked(self.tp_rng, self._sdpa, q, k, v, attn_mask, drop)
         return self._sdpa(q, k, v, attn_mask, drop)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],

@@ -222,11 +222,12 @@ def shard_mlp(mlp: nn.Module, group, tp: int, rank: int) -> None:
     mlp.c_proj = RowParallelLinear(mlp.c_proj, cols_shard(tp, rank), group)
 
 
-def shard_attention(attn: nn.Module, group, tp: int, rank: int) -> None:
+def shard_attention(attn: nn.Module, group, tp: int, rank: int,
+                    rng: Optional["TensorParallelRNG"] = None) -> None:
     attn.c_attn = ColumnParallelLinear(attn.c_attn, qkv_shard(tp, rank), group)
     attn.c_proj = RowParallelLinear(attn.c_proj, cols_shard(tp, rank), group)
     attn.num_heads //= tp
-    attn.tp_dropout = True  # this rank's heads draw dropout masks from `tp_rng()`
+    attn.tp_rng = rng  # this rank's heads draw their dropout masks from the model's stream
 
 
 def shard_full_tensor(p: Tensor, full: Tensor) -> Tensor:
@@ -256,11 +257,10 @@ def apply_tensor_parallel(model: nn.Module, layout) -> nn.Module:
 
     if layout.tp == 1:
         return model
-    global _TP_RNG
     group, tp, rank = layout.tp_group, layout.tp, layout.tp_rank
-    _TP_RNG = TensorParallelRNG(model.cfg.train.seed, rank)  # one stream per process
+    model.tp_rng = TensorParallelRNG(model.cfg.train.seed, rank)  # one stream per model
     for block in [m for m in model.modules() if isinstance(m, Block)]:
-        shard_attention(block.attn, group, tp, rank)
+        shard_attention(block.attn, group, tp, rank, model.tp_rng)
         if isinstance(block.mlp, MLP):
             shard_mlp(block.mlp, group, tp, rank)
         else:
@@ -291,8 +291,9 @@ class TensorParallelRNG:
     the default stream, head h of every TP rank would get the same mask. As Megatron-LM's
     `model-parallel-rng` does, they come from a stream of their own, seeded from (seed, 2718,
     tp_rank): `fork(device)` swaps it in for the duration of the call and keeps where it got to.
-    Recompute replays the same masks (`checkpoint_contexts`), and checkpoints save and restore
-    the stream (`checkpoint/rng.py`).
+    The model holds it (`model.tp_rng`, shared by its attention modules); recompute replays the
+    same masks (`checkpoint_contexts`), and checkpoints save and restore it
+    (`checkpoint/rng.py`).
     """
 
     def __init__(self, seed: int, tp_rank: int) -> None:
@@ -333,35 +334,38 @@ class TensorParallelRNG:
         self.states = {k: v.clone() for k, v in states.items()}
 
 
-_TP_RNG: Optional[TensorParallelRNG] = None
+class _ReplayStream:
+    """Recompute context: the stream as the forward found it, then back to where it is."""
+
+    def __init__(self, rng: TensorParallelRNG, box: dict) -> None:
+        self.rng, self.box, self.now = rng, box, None
+
+    def __enter__(self):
+        self.now = self.rng.snapshot()
+        self.rng.load(self.box["states"])
+
+    def __exit__(self, *exc):
+        self.rng.load(self.now)
+        return False
 
 
-def tp_rng() -> Optional[TensorParallelRNG]:
-    """This process's tensor-parallel RNG stream (None without tensor parallelism)."""
-    return _TP_RNG
+class _RecordStream:
+    """Forward context: remembers where the stream was when the region began."""
+
+    def __init__(self, rng: TensorParallelRNG, box: dict) -> None:
+        self.rng, self.box = rng, box
+
+    def __enter__(self):
+        self.box["states"] = self.rng.snapshot()
+
+    def __exit__(self, *exc):
+        return False
 
 
-def checkpoint_contexts():
-    """`context_fn` of torch.utils.checkpoint: the recompute draws the tensor-parallel stream
-    from where the forward drew it (torch restores the default generators itself)."""
-    rng = _TP_RNG
+def checkpoint_contexts(rng: TensorParallelRNG):
+    """`context_fn` of torch.utils.checkpoint (with `functools.partial(..., rng)`): the
+    recompute draws the tensor-parallel stream from where the forward drew it (torch restores
+    the default generators itself). Reusable: a graph kept for a second backward replays
+    again."""
     box: dict = {}
-
-    @contextlib.contextmanager
-    def forward():
-        box["states"] = rng.snapshot() if rng is not None else None
-        yield
-
-    @contextlib.contextmanager
-    def recompute():
-        if rng is None or box.get("states") is None:
-            yield
-            return
-        now = rng.snapshot()
-        rng.load(box["states"])
-        try:
-            yield
-        finally:
-            rng.load(now)
-
-    return forward(), recompute()
+    return _RecordStream(rng, box), _ReplayStream(rng, box)

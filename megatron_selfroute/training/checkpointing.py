@@ -187,7 +187,8 @@ def save_checkpoint(engine, save_dir: str, cfg: Config, state: ResumeState,
     engine.save_checkpoint(save_dir, tag=tmp, client_state={}, save_latest=False)
     failures = ckpt_engine.end_save()
     if not failures:
-        err = torch_save(rng_codec.capture(), os.path.join(tmp_path, rng_file(rank)), fault)
+        err = torch_save(rng_codec.capture(getattr(engine.module, "tp_rng", None)),
+                         os.path.join(tmp_path, rng_file(rank)), fault)
         if err is None and rank == 0:
             run_state = {"iteration": state.iteration,
                          "consumed_train_samples": state.consumed_train_samples,
@@ -415,6 +416,6 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
         rng_path = os.path.join(path, rng_file(layout.rank))
         if not os.path.isfile(rng_path):
             raise CheckpointError(f"{rng_path} is missing (use --no-load-rng to skip)")
-        rng_codec.restore(safe_load(rng_path))
+        rng_codec.restore(safe_load(rng_path), getattr(engine.module, "tp_rng", None))
     return ResumeState(run_state["iteration"], run_state["consumed_train_samples"],
                        run_state.get("skipped_steps", 0), weights_loaded=True)

@@ -78,6 +78,10 @@ def _same_run(name, want, got):
 TP_RUNS = {"zero0": [], "zero1": ["--zero-stage", "1"], "zero2": ["--zero-stage", "2"],
            "bf16_zero0": ["--bf16"], "bf16_zero2": ["--bf16", "--zero-stage", "2"],
            "compile": ["--compile", "--compile-backend", "aot_eager"],
+           # the checkpoint inside a compiled attention module (no custom context under TP)
+           "compile_selective": ["--compile", "--compile-backend", "aot_eager",
+                                 "--recompute-granularity", "selective",
+                                 "--recompute-modules", "core_attn"],
            "recompute_full": ["--recompute-granularity", "full"]}
 
 

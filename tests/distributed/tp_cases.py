@@ -93,8 +93,6 @@ def dropout() -> dict:
     from megatron_selfroute.arguments import parse_args
     from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
     from megatron_selfroute.parallel.layout import ParallelLayout
-    from megatron_selfroute.parallel.tensor_parallel import tp_rng
-
     at = BASE.index("--attention-dropout")
     flags = BASE[:at] + ["--attention-dropout", "0.3"] + BASE[at + 2:] + [
         "--num-experts", "4", "--tensor-model-parallel-size", "2"]
@@ -107,7 +105,7 @@ def dropout() -> dict:
         model = parallelize_gpt(GPTModel(cfg, init=False), layout)  # a fresh TP stream
         if name == "plain":
             attn = model.transformer.h[0].attn
-            start = tp_rng().snapshot()
+            start = model.tp_rng.snapshot()
             torch.manual_seed(7)  # identical inputs and default generators on both ranks
             q = torch.randn(2, attn.num_heads, 8, 8)
             before = torch.get_rng_state()
@@ -116,7 +114,7 @@ def dropout() -> dict:
             both = [torch.empty_like(y) for _ in range(2)]
             dist.all_gather(both, y, group=layout.tp_group)
             out["masks_differ"] = not torch.equal(both[0], both[1])
-            tp_rng().load(start)
+            model.tp_rng.load(start)
         torch.manual_seed(123)  # every model starts from the same generator states
         tokens, labels, index = _batch(cfg)
         res = model(tokens, labels=labels, token_index=index)

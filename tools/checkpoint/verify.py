@@ -6,8 +6,9 @@
     verify.py DIR --latest   only the checkpoint the pointer names
 
 For each checkpoint: its manifest (every file's size and CRC-32 per 16 MiB chunk) against the
-files, and the files its run state implies (model states and one file per MoE layer and global
-expert for each tensor-parallel rank, an RNG file per rank). Files the manifest does not list are noted, not counted as damage.
+files, and the files its run state implies (for each tensor-parallel rank the model states and
+one file per MoE layer and global expert; an RNG file per rank). Files the manifest does not
+list are noted, not counted as damage.
 Checkpoints written before manifests existed are checked for completeness only and reported as
 unverified.
 
