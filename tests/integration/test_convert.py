@@ -322,3 +322,21 @@ def test_hf_export_of_moe_never_prompts_and_keeps_the_tokenizer(tmp_path):
     text = "Hello world, the self-routing MoE.\nSecond line"
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     assert hf_tok(text)["input_ids"] == build_tokenizer("GPT2BPETokenizer").tokenize(text)
+
+
+def test_a_failure_inside_the_conversion_world_is_one_line_and_leaves_nothing(tmp_path):
+    """The rank processes `--optimizer-state` starts report their first error as one line of
+    the converter (here an optimizer file without Adam's step), and the output is removed."""
+    model = make_model("self")
+    save_model(model, tmp_path / "c")
+    moments = {f"{n}::{k}": torch.zeros_like(p) for n, p in model.named_parameters()
+               for k in ("master", "exp_avg", "exp_avg_sq")}
+    save_file(moments, str(tmp_path / "c" / "optimizer.safetensors"),
+              metadata={"iteration": "7"})
+    code, _, err = run_main("checkpoint/convert.py", "--input", str(tmp_path / "c"), "--output",
+                            str(tmp_path / "out"), "--to", "deepspeed", "--optimizer-state")
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]  # after its progress
+    assert code == 1 and len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert "import on 1 processes failed on rank 0: optimizer.safetensors: no Adam step" in \
+        errors[0], err
+    assert not (tmp_path / "out").exists()
