@@ -114,16 +114,29 @@ def test_tp2_ep2_checkpoint_moves_to_one_process_and_back_with_its_optimizer(tmp
 def test_bf16_zero0_checkpoint_carries_its_fp32_masters(tmp_path):
     """bf16 ZeRO-0 keeps fp32 masters apart from the bf16 weights (DeepSpeed's unfused
     wrapper): they, not the rounded weights, come through a conversion, and the resumed run
-    continues the straight one."""
+    continues the straight one; converted to fp32 (`--precision fp32`) it keeps every master
+    and moment and continues within bf16's rounding."""
     run = BASE + ["--bf16", "--global-batch-size", "4"]
     ck = tmp_path / "ck"
     straight, _ = run_layout(tmp_path / "runs", 1, [
         run, run + ["--save", str(ck), "--save-interval", "2", "--exit-interval", "2"]])
     _convert(ck, tmp_path / "c", "--to", "consolidated", "--optimizer-state")
     _convert(tmp_path / "c", tmp_path / "ds", "--to", "deepspeed", "--optimizer-state")
-    (resumed,) = run_layout(tmp_path / "resume", 1, [run + ["--load", str(tmp_path / "ds")]])
-    print("straight", straight["losses"], "\nresumed", resumed["losses"])
+    # --precision fp32: the same masters and moments, now trained in fp32
+    _convert(ck, tmp_path / "fp32", "--to", "deepspeed", "--optimizer-state", "--precision",
+             "fp32")
+    fp32_run = [a for a in run if a != "--bf16"]
+    resumed, in_fp32 = run_layout(tmp_path / "resume", 1, [
+        run + ["--load", str(tmp_path / "ds")], fp32_run + ["--load", str(tmp_path / "fp32")]])
+    print("straight", straight["losses"], "\nresumed", resumed["losses"], "\nfp32",
+          in_fp32["losses"])
     _close(resumed["losses"], straight["losses"], 1e-6)
+    _close(in_fp32["losses"], straight["losses"], 1e-2)  # bf16 rounding apart
+    _convert(tmp_path / "fp32", tmp_path / "c32", "--to", "consolidated", "--optimizer-state")
+    again, _ = _optimizer(tmp_path / "c32")
+    first, _ = _optimizer(tmp_path / "c")
+    for k in first:  # masters and moments carried across the precision change bit for bit
+        assert torch.equal(first[k], again[k]), k
     opt, _ = _optimizer(tmp_path / "c")
     from safetensors.torch import load_file
 

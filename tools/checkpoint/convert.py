@@ -4,7 +4,7 @@
     convert.py --input PATH --output DIR --to consolidated [--optimizer-state]
     convert.py --input PATH --output DIR --to deepspeed [--optimizer-state]
                [--tensor-model-parallel-size T] [--expert-model-parallel-size E]
-               [--world-size W] [--zero-stage Z]
+               [--world-size W] [--zero-stage Z] [--precision fp32|bf16]
     convert.py --input PATH --output DIR --to hf
 
 `--input` is a DeepSpeed `--save` directory (its pointer file picks the tag) or tag directory of
@@ -14,11 +14,12 @@ Face GPT-2 directory (e.g. the official `gpt2`) or MoE export of this project.
 - consolidated: `model.safetensors` (all experts, global ids) + `config.json`; no pickles. With
   `--optimizer-state`, also `optimizer.safetensors`: every parameter's fp32 master weight and
   Adam moments under its one-device name, Adam's step, the iteration and the data position.
-- deepspeed: a checkpoint of layout TP T x EP E on W processes (default W = T x E) and ZeRO stage
-  Z (default: the input's). With `--optimizer-state` (from a DeepSpeed input with optimizer
-  states, or a consolidated one with `optimizer.safetensors`) it resumes as the original run
-  would, optimizer included: `pretrain_gpt.py --load DIR --tensor-model-parallel-size T
-  --expert-model-parallel-size E` on W processes. Without it, weights only: resume with
+- deepspeed: a checkpoint of layout TP T x EP E on W processes (default W = T x E), ZeRO stage
+  Z and precision (default: the input's; the fp32 masters carry over either way). With
+  `--optimizer-state` (from a DeepSpeed input with optimizer states, or a consolidated one with
+  `optimizer.safetensors`) it resumes as the original run would, optimizer included:
+  `pretrain_gpt.py --load DIR --tensor-model-parallel-size T --expert-model-parallel-size E` on
+  W processes. Without it, weights only: resume with
   `--no-load-optim` (or `--finetune`); RNG files are fresh seeded states.
 - hf: dense -> `GPT2LMHeadModel`; MoE -> remote code (`trust_remote_code=True`), plus GPT-2
   tokenizer files. Random-router models are refused.
@@ -64,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2],
                    help="ZeRO stage of a --to deepspeed checkpoint with optimizer state "
                         "(default: the input's)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="training precision of a --to deepspeed checkpoint written by the "
+                        "layout's engine (default: the input's); resume it with the same "
+                        "(--bf16 or not). The fp32 masters carry over either way")
     p.add_argument("--optimizer-state", action="store_true",
                    help="carry the fp32 master weights and Adam moments (and the data "
                         "position) across the conversion")
@@ -86,10 +91,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CheckpointFormatError("--optimizer-state: a Hugging Face export holds weights only")
     if args.to != "deepspeed" and (args.tensor_model_parallel_size > 1 or args.zero_stage
                                    is not None or args.expert_model_parallel_size > 1
-                                   or args.world_size is not None):
+                                   or args.world_size is not None
+                                   or args.precision is not None):
         raise CheckpointFormatError("--tensor-model-parallel-size, --expert-model-parallel-size, "
-                                    "--world-size and --zero-stage describe a --to deepspeed "
-                                    "output")
+                                    "--world-size, --zero-stage and --precision describe a --to "
+                                    "deepspeed output")
 
 
 def _engine_path_ok(ckpt) -> None:
@@ -164,6 +170,8 @@ def _to_layout(args: argparse.Namespace, ckpt) -> str:
     cfg.parallel.expert_model_parallel_size = ep
     if args.zero_stage is not None:
         cfg.parallel.zero_stage = args.zero_stage
+    if args.precision is not None:
+        cfg.train.bf16, cfg.train.fp16 = args.precision == "bf16", False
     cfg.train.load = cfg.train.save = None
     world = args.world_size or tp * ep
     ParallelLayout(world_size=world, rank=0, tp=tp, ep=ep, moe=cfg.moe.is_moe).validate(cfg)
@@ -181,8 +189,9 @@ def _to_layout(args: argparse.Namespace, ckpt) -> str:
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     carried = "optimizer state carried" if args.optimizer_state else "no optimizer state"
+    precision = "bf16" if cfg.train.bf16 else "fp32"
     return (f"TP={tp}, EP={ep}, {world} processes, ZeRO {cfg.parallel.zero_stage}, "
-            f"{carried}")
+            f"{precision}, {carried}")
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -203,7 +212,8 @@ def convert(args: argparse.Namespace) -> str:
             _source_optimizer(args, ckpt, args.output)
             shape += ", optimizer state"
     elif args.to == "deepspeed" and (args.optimizer_state or args.tensor_model_parallel_size > 1
-                                     or args.zero_stage is not None):
+                                     or args.zero_stage is not None
+                                     or args.precision is not None):
         build_model(ckpt, args.input, dropless=False)
         shape += ", " + _to_layout(args, ckpt)
     elif args.to == "deepspeed":
