@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_selfroute.cli import first_line  # noqa: E402
 from megatron_selfroute.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetBuilder,
     data_file_path,
@@ -263,7 +264,7 @@ def load_hf_dataset(args: argparse.Namespace) -> object:
     except InputError:
         raise
     except Exception as e:  # datasets raises many types; all mean "cannot load"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise InputError(
             f"cannot load Hugging Face dataset {name!r} split {split!r}: {reason}"
         ) from None

@@ -65,7 +65,13 @@ def merge_tensor_parallel(parts: list[dict], cfg: Config, family, state: dict,
     trained it with) took it from; replicated tensors come from rank 0."""
     from types import SimpleNamespace
 
-    from megatron_selfroute.parallel.tensor_parallel import apply_tensor_parallel, is_tp_sharded
+    from megatron_selfroute.models.vit import ema_buffer_name
+    from megatron_selfroute.parallel.tensor_parallel import (
+        apply_tensor_parallel,
+        is_tp_sharded,
+        place_shard,
+        shard_positions,
+    )
 
     tp = len(parts)
     full_sd = dict(parts[0])
@@ -78,20 +84,18 @@ def merge_tensor_parallel(parts: list[dict], cfg: Config, family, state: dict,
                 continue
             if rank == 0:
                 full_sd[name] = torch.empty(p.tp_full_shape, dtype=parts[0][name].dtype)
-            index = torch.arange(full_sd[name].numel()).view(p.tp_full_shape)
-            where = p.tp_shard(index)
+            where = shard_positions(p)
             piece = parts[rank][name]
             if tuple(piece.shape) != tuple(where.shape):
                 raise CheckpointFormatError(f"{source}: {name} of tensor-parallel rank {rank} has "
                                             f"shape {tuple(piece.shape)}, its layout gives "
                                             f"{tuple(where.shape)}")
-            full_sd[name].view(-1)[where.reshape(-1)] = piece.reshape(-1)
-            owner, _, leaf = name.rpartition(".")
-            ema = f"{owner}.ema_{leaf}"  # a ViT's EMA buffer of this shard: the same positions
+            place_shard(full_sd[name], where, piece)
+            ema = ema_buffer_name(name)  # a ViT's EMA buffer of this shard: the same positions
             if ema in parts[rank]:
                 if rank == 0:
                     full_sd[ema] = torch.empty(p.tp_full_shape, dtype=parts[0][ema].dtype)
-                full_sd[ema].view(-1)[where.reshape(-1)] = parts[rank][ema].reshape(-1)
+                place_shard(full_sd[ema], where, parts[rank][ema])
         del template
     return full_sd
 

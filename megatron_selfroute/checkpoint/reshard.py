@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from megatron_selfroute.checkpoint import CheckpointFormatError
 from megatron_selfroute.checkpoint.adapters import EXPERT_MARK, FAMILIES
+from megatron_selfroute.cli import first_line
 
 OPTIMIZER = "optimizer.safetensors"
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -66,12 +67,6 @@ def global_name(model: nn.Module, name: str) -> str:
     local, rest = tail.split(".", 1)
     experts = model.get_submodule(head + ".deepspeed_moe.experts")
     return f"{head}{EXPERT_MARK}{experts.global_id(int(local))}.{rest}"
-
-
-def _ema_owner(name: str) -> str:
-    """`blocks.0.attn.qkv.ema_weight` -> `blocks.0.attn.qkv.weight` (a ViT's EMA buffer)."""
-    owner, _, leaf = name.rpartition(".")
-    return f"{owner}.{leaf[4:]}" if leaf.startswith("ema_") else name
 
 
 # ---- the optimizer DeepSpeed built ---------------------------------------------------------
@@ -161,7 +156,12 @@ def _sends(layout, name: str) -> bool:
 def gather_optimizer_state(engine, layout) -> Optional[dict[str, Tensor]]:
     """Every rank calls it; rank 0 returns the one-device `optimizer.safetensors` tensors
     ({"<name>::<key>": tensor}), the others None."""
-    from megatron_selfroute.parallel.tensor_parallel import full_shape, is_tp_sharded
+    from megatron_selfroute.parallel.tensor_parallel import (
+        full_shape,
+        is_tp_sharded,
+        place_shard,
+        shard_positions,
+    )
 
     model = engine.module
     local = local_optimizer_state(engine)
@@ -171,12 +171,7 @@ def gather_optimizer_state(engine, layout) -> Optional[dict[str, Tensor]]:
         if not _sends(layout, name):
             continue
         p = params[name]
-        where = None
-        if is_tp_sharded(p):  # the flat positions of this shard in the full tensor
-            shape = full_shape(p)
-            n = int(torch.Size(shape).numel())
-            index = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64)
-            where = p.tp_shard(index.view(shape))
+        where = shard_positions(p) if is_tp_sharded(p) else None
         mine[global_name(model, name)] = (where, tuple(full_shape(p)), vals)
     parts = [None] * layout.world_size
     if layout.world_size == 1:
@@ -193,7 +188,7 @@ def gather_optimizer_state(engine, layout) -> Optional[dict[str, Tensor]]:
                     full[f"{name}::{key}"] = t.contiguous()
                     continue
                 dst = full.setdefault(f"{name}::{key}", torch.zeros(shape, dtype=t.dtype))
-                dst.view(-1)[where.reshape(-1)] = t.reshape(-1)
+                place_shard(dst, where, t)
     return full
 
 
@@ -209,16 +204,13 @@ class _Lazy:
         return self.f.get_tensor(name) if name in self.names else None
 
 
-def _shard_for(model: nn.Module, name: str, full: Tensor, params: dict) -> Tensor:
-    """This rank's piece of the one-device tensor `full` for local parameter/buffer `name`."""
-    from megatron_selfroute.parallel.tensor_parallel import is_tp_sharded
+def _shard_for(name: str, full: Tensor, owners: dict) -> Tensor:
+    """This rank's piece of the one-device tensor `full` for local parameter/buffer `name`
+    (`owners`: the parameter each name is sharded like, a ViT's EMA buffers included)."""
+    from megatron_selfroute.parallel.tensor_parallel import shard_full_tensor
 
-    owner = params.get(name)
-    if owner is None:
-        owner = params.get(_ema_owner(name))
-    if owner is not None and is_tp_sharded(owner):
-        return owner.tp_shard(full)
-    return full
+    owner = owners.get(name)
+    return full if owner is None else shard_full_tensor(owner, full)
 
 
 def restore(engine, weights, optim, step: int) -> None:
@@ -227,8 +219,11 @@ def restore(engine, weights, optim, step: int) -> None:
     with `get(name)` (a dict, or `_Lazy`). No collectives."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from megatron_selfroute.models.vit import ema_buffer_name
+
     model = engine.module
     params = dict(model.named_parameters())
+    owners = {**{ema_buffer_name(n): p for n, p in params.items()}, **params}
     missing, loaded = [], set()
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
@@ -239,7 +234,7 @@ def restore(engine, weights, optim, step: int) -> None:
             if src is None:
                 missing.append(g)
                 continue
-            piece = _shard_for(model, name, src, params)
+            piece = _shard_for(name, src, owners)
             if tuple(piece.shape) != tuple(t.shape):
                 raise CheckpointFormatError(f"{g}: this layout's piece has shape "
                                             f"{tuple(t.shape)}, the checkpoint gives "
@@ -270,7 +265,7 @@ def restore(engine, weights, optim, step: int) -> None:
                 full = optim.get(f"{g}::{key}")
                 if full is None:
                     raise CheckpointFormatError(f"{OPTIMIZER} has no {key} of {g}")
-                piece = _shard_for(model, name, full, params)
+                piece = _shard_for(name, full, owners)
                 if tuple(piece.shape) != tuple(p.shape):
                     raise CheckpointFormatError(f"{OPTIMIZER}: {g}::{key} gives this layout a "
                                                 f"piece of shape {tuple(piece.shape)}, the "
@@ -332,9 +327,8 @@ def _export(job: dict) -> None:
         engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
     except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f"{tag_dir}: its optimizer states do not load ({first})"
-                                    ) from None
+        raise CheckpointFormatError(f"{tag_dir}: its optimizer states do not load "
+                                    f"({first_line(e)})") from None
     step = _adam_step(engine)
     full = gather_optimizer_state(engine, layout)
     if layout.rank == 0:
@@ -346,14 +340,12 @@ def _export(job: dict) -> None:
 def _import(job: dict) -> None:
     from safetensors import safe_open
 
+    from megatron_selfroute.checkpoint.consolidated import WEIGHTS
     from megatron_selfroute.seeding import mix_seed
     from megatron_selfroute.training import checkpointing
 
     cfg, layout, engine = _build(job)
     src = job["input"]
-
-    from megatron_selfroute.checkpoint.consolidated import WEIGHTS
-
     meta = dict(job["meta"])
     with safe_open(os.path.join(src, WEIGHTS), "pt") as wf:
         optim = None
@@ -391,8 +383,7 @@ def _worker(job_path: str) -> None:
 
         if not isinstance(e, (CheckpointFormatError, ConfigError)):
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {first}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
         os._exit(1)
 
 

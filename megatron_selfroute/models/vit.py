@@ -56,6 +56,12 @@ from megatron_selfroute.seeding import mix_seed
 PRESETS = DEIT_PRESETS  # the DeiT shapes (config.py, where the --model flag reads them)
 
 
+def ema_buffer_name(param_name: str) -> str:
+    """The EMA buffer of parameter `param_name` (`enable_ema`): `ema_<leaf>` on its module."""
+    owner, dot, leaf = param_name.rpartition(".")
+    return f"{owner}{dot}ema_{leaf}"
+
+
 @dataclass
 class ViTConfig:
     """Image-specific shape and regularisation (the transformer shape lives in ModelConfig)."""
@@ -173,8 +179,9 @@ class VisionTransformer(nn.Module):
         for name, p in list(self.named_parameters()):
             owner_name, _, leaf = name.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
-            owner.register_buffer(f"ema_{leaf}", p.detach().float().clone(), persistent=True)
-            self._ema.append((owner, f"ema_{leaf}", p))
+            buffer = ema_buffer_name(leaf)
+            owner.register_buffer(buffer, p.detach().float().clone(), persistent=True)
+            self._ema.append((owner, buffer, p))
 
     @property
     def has_ema(self) -> bool:

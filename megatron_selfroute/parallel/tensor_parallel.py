@@ -48,10 +48,14 @@ def _all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
-def gather_rows(x: Tensor, group) -> Tensor:
+def _all_gather(x: Tensor, group, dim: int) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_rows(x: Tensor, group) -> Tensor:
+    return _all_gather(x, group, 0)
 
 
 def own_rows(x: Tensor, group) -> Tensor:
@@ -122,11 +126,7 @@ def gather_from_tp(x: Tensor, group) -> Tensor:
 
 def gather_last_dim(x: Tensor, group) -> Tensor:
     """All-gather along the last dimension (evaluation logits only; no backward)."""
-    if group is None:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return x if group is None else _all_gather(x, group, -1)
 
 
 # ---- sharded layers ---------------------------------------------------------------------------
@@ -238,6 +238,20 @@ def shard_full_tensor(p: Tensor, full: Tensor) -> Tensor:
 
 def full_shape(p: Tensor) -> tuple:
     return getattr(p, "tp_full_shape", tuple(p.shape))
+
+
+def shard_positions(p: Tensor) -> Tensor:
+    """The flat positions in the full tensor of sharded `p`'s elements (shaped like `p`):
+    `place_shard` puts a piece of this rank back with them."""
+    shape = full_shape(p)
+    n = int(torch.Size(shape).numel())
+    index = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64)
+    return p.tp_shard(index.view(shape))
+
+
+def place_shard(full: Tensor, where: Tensor, piece: Tensor) -> None:
+    """Write `piece` into `full` at `where` (from `shard_positions`)."""
+    full.view(-1)[where.reshape(-1)] = piece.reshape(-1)
 
 
 def is_tp_sharded(p: Tensor) -> bool:

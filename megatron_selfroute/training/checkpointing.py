@@ -45,6 +45,7 @@ from megatron_selfroute.checkpoint.files import (
 )
 from megatron_selfroute.checkpoint.safe_load import safe_load
 from megatron_selfroute.checkpoint.writes import disk_fault_from_env, json_save, torch_save
+from megatron_selfroute.cli import first_line
 from megatron_selfroute.config import Config
 from megatron_selfroute.parallel.layout import ParallelLayout
 from megatron_selfroute.training.logging import print_rank0
@@ -403,7 +404,7 @@ def load_checkpoint(engine, load_dir: str, cfg: Config, layout: ParallelLayout,
     except CheckpointLoadError:
         raise
     except (OSError, RuntimeError, KeyError, ValueError, AssertionError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         hint = ("; a checkpoint without optimizer state (converted)? add --no-load-optim"
                 if isinstance(e, AttributeError) and not module_only else "")
         raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first}){hint}"

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from megatron_selfroute.checkpoint import CheckpointError
+from megatron_selfroute.cli import first_line
 from megatron_selfroute.config import ConfigError
 from megatron_selfroute.parallel.groups import shutdown
 from megatron_selfroute.training.faults import LOADER_DIED, TrainingError
@@ -63,7 +64,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         if debug:
             traceback.print_exc()
         rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         print(f"error: {rank}collective communication failed: {first} (a peer rank died or "
               "stalled past --distributed-timeout-minutes)", file=sys.stderr, flush=True)
         os._exit(3)

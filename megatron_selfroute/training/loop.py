@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_selfroute.arguments import validate
+from megatron_selfroute.cli import first_line
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.packed import PackedCollate, Unpacked
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
@@ -146,7 +147,7 @@ def _next_batch(loader, iteration: int):
     except (RuntimeError, ConnectionError, EOFError) as e:
         if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):
             raise  # another failure (e.g. a collate error): its own message and traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise TrainingError(f"the data loader failed at iteration {iteration}: {first} "
                             f"({LOADER_DIED})") from e
 

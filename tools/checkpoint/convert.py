@@ -127,15 +127,16 @@ def _optimizer_source(args: argparse.Namespace) -> Optional[dict]:
     return state
 
 
-def _source_optimizer(args: argparse.Namespace, ckpt, out_dir: str) -> None:
+def _source_optimizer(args: argparse.Namespace, ckpt, out_dir: str,
+                      state: Optional[dict]) -> None:
     """Write the input's optimizer state as `out_dir/optimizer.safetensors` (exported by the
-    input's own world when it is a DeepSpeed checkpoint)."""
+    input's own world when it is a DeepSpeed checkpoint; `state`: what `_optimizer_source`
+    found)."""
     import shutil
 
     from megatron_selfroute.checkpoint import reshard
     from megatron_selfroute.checkpoint.files import resolve_tag_dir
 
-    state = _optimizer_source(args)
     if state is None:
         shutil.copyfile(os.path.join(args.input, reshard.OPTIMIZER),
                         os.path.join(out_dir, reshard.OPTIMIZER))
@@ -162,8 +163,7 @@ def _to_layout(args: argparse.Namespace, ckpt) -> str:
     from megatron_selfroute.parallel.layout import ParallelLayout
 
     _engine_path_ok(ckpt)
-    if args.optimizer_state:
-        _optimizer_source(args)
+    source = _optimizer_source(args) if args.optimizer_state else None
     cfg = Config.from_dict(ckpt.cfg.to_dict())
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     cfg.parallel.tensor_model_parallel_size = tp
@@ -180,7 +180,7 @@ def _to_layout(args: argparse.Namespace, ckpt) -> str:
     try:
         save_consolidated(ckpt, staged)
         if args.optimizer_state:
-            _source_optimizer(args, ckpt, staged)
+            _source_optimizer(args, ckpt, staged, source)
         print(f"> writing TP {tp} x EP {ep} on {world} CPU processes (ZeRO "
               f"{cfg.parallel.zero_stage})", file=sys.stderr, flush=True)
         reshard.run_world({"mode": "import", "config": cfg.to_dict(), "family": ckpt.family,
@@ -205,11 +205,11 @@ def convert(args: argparse.Namespace) -> str:
         shape = f"{ckpt.family}, {shape}"
     if args.to == "consolidated":
         build_model(ckpt, args.input)  # validates names and shapes against the config
-        if args.optimizer_state:
-            _optimizer_source(args)  # refused before anything is written
+        # an input without optimizer state is refused before anything is written
+        source = _optimizer_source(args) if args.optimizer_state else None
         save_consolidated(ckpt, args.output)
         if args.optimizer_state:
-            _source_optimizer(args, ckpt, args.output)
+            _source_optimizer(args, ckpt, args.output, source)
             shape += ", optimizer state"
     elif args.to == "deepspeed" and (args.optimizer_state or args.tensor_model_parallel_size > 1
                                      or args.zero_stage is not None
