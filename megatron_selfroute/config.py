@@ -254,6 +254,11 @@ class TrainConfig:
     adam_beta2: float = arg(0.95, "Adam beta2.")
     adam_eps: float = arg(1e-8, "Adam epsilon.")
     clip_grad: float = arg(1.0, "Global gradient-norm clip (0 = off).")
+    grad_norm_fp64: bool = arg(
+        False, "ZeRO-0: accumulate each gradient's norm in float64 (this project's norm before "
+        "2026-12-02, which the golden runs were recorded with; 7x slower on CPU). Default: fp32 "
+        "per tensor, as Megatron and DeepSpeed, and the squares summed in float64."
+    )
     bf16: bool = arg(False, "bfloat16 training.")
     fp16: bool = arg(False, "float16 training with loss scaling (GPU only).")
     seed: int = arg(1234, "Random seed (model init, data order, dropout, routers).")

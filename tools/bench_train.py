@@ -7,7 +7,8 @@ DeepSpeed engine, the NaN check, routing statistics, the expert-bias hook, the l
 --log-interval): what a user's `pretrain_gpt.py` run executes per iteration. The bare step runs
 the same model object on the same (pre-collated) batch: forward, `loss.backward()`,
 `torch.nn.utils.clip_grad_norm_` when --clip-grad > 0 (the default 1.0; nanoGPT's loop),
-`torch.optim.AdamW.step()` with the same hyper-parameters, `zero_grad` — and on several processes
+`torch.optim.AdamW.step()` with the same hyper-parameters (fused; weight decay on matrices only,
+in nanoGPT's two parameter groups), `zero_grad` — and on several processes
 one flat gradient all-reduce (a bare data-parallel loop). Rounds alternate between the two so
 machine noise hits both; the report gives each side's median step time, the ratio of medians with
 the spread of per-round ratios [p10, p90], and the framework's per-part times from its own timers
@@ -98,9 +99,13 @@ def main(argv=None) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     tr = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4,
+    # The same optimizer: fused AdamW with weight decay on matrices only, in nanoGPT's two
+    # groups (the framework's are split further into DeepSpeed's MoE groups: its own cost).
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tr.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4,
                             betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps,
-                            weight_decay=tr.weight_decay, fused=True)  # as build_engine's
+                            fused=True)  # as build_engine's
     batch = _to_device(trainer.task, engine, next(trainer.loader))
     tokens, labels = batch["tokens"], batch["labels"]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -117,42 +118,66 @@ def _own_clipping(cfg: Config) -> bool:
     return cfg.parallel.zero_stage == 0 and not cfg.train.fp16
 
 
-def clip_gradients_stage0(model: torch.nn.Module, max_norm: float,
-                          layout: ParallelLayout) -> float:
+@dataclass(frozen=True)
+class GradNormGroups:
+    """A model's parameters by how their gradients enter the global norm, classified once (the
+    step only checks which have a gradient): replicated over the tensor group (counted once),
+    tensor-parallel shards (summed over the tensor group) and experts (summed over the
+    expert-parallel group), each in `model.parameters()` order."""
+
+    replicated: tuple
+    sharded: tuple
+    experts: tuple
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "GradNormGroups":
+        from deepspeed.moe.utils import is_moe_param
+
+        groups: tuple[list, list, list] = ([], [], [])
+        for p in model.parameters():
+            groups[2 if is_moe_param(p) else 1 if is_tp_sharded(p) else 0].append(p)
+        return cls(*(tuple(g) for g in groups))
+
+
+def clip_gradients_stage0(model: torch.nn.Module, max_norm: float, layout: ParallelLayout,
+                          groups: Optional[GradNormGroups] = None, fp64: bool = False) -> float:
     """Exact global gradient norm (dense once, experts summed over the expert-parallel group)
-    and in-place clipping, for ZeRO stage 0 after gradients were all-reduced.
+    and in-place clipping, for ZeRO stage 0 after gradients were all-reduced. `groups` (the
+    engine's `grad_norm_groups`) saves classifying the parameters at every step.
+
+    Each tensor's norm accumulates in fp32 (bf16 gradients too), as Megatron's and DeepSpeed's
+    do, and the squares are summed in float64; `fp64` (--grad-norm-fp64) accumulates each norm
+    in float64 instead, this project's norm before 2026-12-02 (bit-exact with its runs).
 
     DeepSpeed's stage-0 clipping averages per-rank norms, which differ across expert-parallel
     ranks (each holds other experts), so its clip factor is not the global one. ZeRO-1/2 sum
     squared partition norms over all data-parallel ranks, which is exact, and are left alone.
     """
-    from deepspeed.moe.utils import is_moe_param
-
-    params = [p for p in model.parameters() if p.grad is not None]
-    device = params[0].grad.device if params else "cpu"
-    # Per-tensor float64 norms with the multi-tensor kernel (no float64 copy of every gradient:
-    # that copy made this 143 ms of a 900 ms CPU step at the quickstart shape; float64 keeps the
-    # golden runs' numerics, fp32 accumulation would be faster still), squared and summed; sums
-    # stay on the gradients' device: one host read (the norm) per step.
-    experts, sharded, replicated = [], [], []
-    for p in params:
-        (experts if is_moe_param(p) else sharded if is_tp_sharded(p)
-         else replicated).append(p.grad.detach())
+    groups = groups or GradNormGroups.of(model)
+    replicated, sharded, experts = ([p.grad for p in g if p.grad is not None]
+                                    for g in (groups.replicated, groups.sharded, groups.experts))
+    grads = replicated + sharded + experts
+    device = grads[0].device if grads else "cpu"
+    # Per-tensor norms with the multi-tensor kernel (float64 accumulation costs 1.6 ms of a
+    # 40 ms CPU step at bench_train's small shape, fp32 0.3 ms), squared and summed in float64;
+    # the sums stay on the gradients' device: one host read (the norm) per step.
+    acc_dtype = torch.float64 if fp64 else torch.float32
 
     def sq_sum(grads):
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=device)
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=acc_dtype)).double()
         return norms.square().sum()
 
-    dense = sq_sum(replicated)  # replicated over TP: counted once
-    if sharded:  # a shard's square on every TP rank
-        dense = dense + all_reduce_small(sq_sum(sharded), group=layout.tp_group)
-    if experts:  # each expert once: summed over the expert-parallel group
-        dense = dense + all_reduce_small(sq_sum(experts), group=layout.ep_group)
-    norm = dense.sqrt().item()
-    if max_norm > 0 and norm > max_norm:
-        torch._foreach_mul_([p.grad.detach() for p in params], max_norm / (norm + 1e-6))
+    with torch.no_grad():
+        dense = sq_sum(replicated)  # replicated over TP: counted once
+        if sharded:  # a shard's square on every TP rank
+            dense = dense + all_reduce_small(sq_sum(sharded), group=layout.tp_group)
+        if experts:  # each expert once: summed over the expert-parallel group
+            dense = dense + all_reduce_small(sq_sum(experts), group=layout.ep_group)
+        norm = dense.sqrt().item()
+        if max_norm > 0 and norm > max_norm:
+            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm
 
 
@@ -259,6 +284,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: ParallelLayout,
     engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine,  # safe loads
                                                     expert_writers=layout.tp)
     engine.own_clipping = _own_clipping(cfg)
+    engine.grad_norm_groups = GradNormGroups.of(model)
+    _cached_zero_grad(engine)
     if cfg.parallel.zero_stage == 0 and layout.world_size == 1:
         _identity_allreduce(engine)
     return engine
@@ -279,3 +306,16 @@ def _identity_allreduce(engine) -> None:
                     p.grad = torch.zeros_like(p)
 
     engine.allreduce_gradients = allreduce_gradients
+
+
+def _cached_zero_grad(engine) -> None:
+    """DeepSpeed's `engine.zero_grad` (ZeRO-0 fp32 calls it after every optimizer step) sets
+    every parameter's gradient to None by walking `named_parameters()`, 0.5 ms of a 22 ms CPU step
+    at bench_train's small shape; the same on the parameter list taken once."""
+    params = list(engine.module.parameters())
+
+    def zero_grad():
+        for p in params:
+            p.grad = None
+
+    engine.zero_grad = zero_grad

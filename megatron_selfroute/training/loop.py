@@ -32,6 +32,7 @@ from megatron_selfroute.cli import first_line
 from megatron_selfroute.config import Config, ConfigError
 from megatron_selfroute.data.packed import PackedCollate, Unpacked
 from megatron_selfroute.data.samplers import PretrainingSampler, WithSampleIndex
+from megatron_selfroute.models.common import routing_counts
 from megatron_selfroute.moe.balancing import ExpertBiasUpdater
 from megatron_selfroute.moe.cross_layer import cross_layer_live
 from megatron_selfroute.moe.router import ROUTERS
@@ -294,6 +295,8 @@ class Trainer:
     summary: Optional[RunSummary] = None
     lease: Optional[SaveLease] = None
     kill_at: Optional[int] = None  # fault injection (MEGATRON_SELFROUTE_KILL_AT)
+    # The model's MoE layers, found once (the model's property walks every module).
+    moe_layers: list = field(default_factory=list)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -365,7 +368,8 @@ class Trainer:
                    bias=ExpertBiasUpdater(engine.module, cfg.moe.moe_router_bias_update_rate,
                                           layout.dp_group),
                    summary=summary, lease=lease,
-                   kill_at=kill_injection_from_env(layout.rank))
+                   kill_at=kill_injection_from_env(layout.rank),
+                   moe_layers=list(getattr(engine.module, "moe_layers", None) or []))
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -404,7 +408,8 @@ class Trainer:
                 skip = skip_or_stop(state, tr, it + 1, "loss", last_good)
             if engine.own_clipping and not skip:
                 with timers("grad-clip", 2):
-                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, self.layout)
+                    own_norm = clip_gradients_stage0(engine.module, tr.clip_grad, self.layout,
+                                                     engine.grad_norm_groups, tr.grad_norm_fp64)
                 if not math.isfinite(own_norm):
                     skip = skip_or_stop(state, tr, it + 1, "gradient norm", last_good)
             with timers("optimizer", 1), (update_skipped(engine) if skip
@@ -435,8 +440,8 @@ class Trainer:
         acc[2] += (~torch.isfinite(loss.detach())).any()
         with timers("backward", 1):
             engine.backward(loss)  # a NaN here is discarded by the step (update_skipped)
-        if getattr(engine.module, "moe_layers", None):
-            counts, dropped = engine.module.routing_counts()
+        if self.moe_layers:
+            counts, dropped = routing_counts(self.moe_layers)
             self.routing.add(counts, dropped)
             if self.bias:
                 self.bias.add(counts)
@@ -489,7 +494,7 @@ class Trainer:
         self.logger.routing("train", rstats, state.iteration)
         if self.bias:
             self.logger.scalars("train-routing", self.bias.stats(), state.iteration)
-        if getattr(self.engine.module, "moe_layers", None):
+        if self.moe_layers:
             self.logger.scalars("train-routing", cross_layer_live(self.engine.module),
                                 state.iteration)
         line = (f" iteration {state.iteration:8d}/{tr.train_iters:8d} | consumed samples "

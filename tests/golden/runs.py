@@ -18,15 +18,19 @@ from pathlib import Path
 
 import torch
 
+# Recorded when the ZeRO-0 gradient norm accumulated every tensor's norm in float64, the only norm
+# until 2026-12-02 and now --grad-norm-fp64 (the default accumulates in fp32, as Megatron does).
+RECORDED_NUMERICS = ["--grad-norm-fp64"]
 GPT_TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "16", "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "2",
             "--eval-iters", "1", "--seed", "11", "--mock-data", "--tokenizer-type",
             "NullTokenizer", "--vocab-size", "127", "--hidden-dropout", "0.1",
-            "--attention-dropout", "0.1", "--train-iters", "3", "--lr-warmup-iters", "1"]
+            "--attention-dropout", "0.1", "--train-iters", "3", "--lr-warmup-iters", "1",
+            *RECORDED_NUMERICS]
 VIT_TINY = ["--img-size", "32", "--patch-size", "8", "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "4", "--log-interval", "1", "--seed", "11",
             "--no-lr-scale", "--num-workers", "0", "--train-iters", "3", "--lr", "2e-3",
-            "--warmup-epochs", "0.1", "--eval-iters", "1"]
+            "--warmup-epochs", "0.1", "--eval-iters", "1", *RECORDED_NUMERICS]
 ROUTERS = ["self", "learned", "fixed-random", "random"]
 
 
