@@ -8,11 +8,12 @@ DeepSpeed engine, the NaN check, routing statistics, the expert-bias hook, the l
 the same model object on the same (pre-collated) batch: forward, `loss.backward()`,
 `torch.nn.utils.clip_grad_norm_` when --clip-grad > 0 (the default 1.0; nanoGPT's loop),
 `torch.optim.AdamW.step()` with the same hyper-parameters (fused; weight decay on matrices only,
-in nanoGPT's two parameter groups), `zero_grad` — and on several processes
-one flat gradient all-reduce (a bare data-parallel loop). Rounds alternate between the two so
-machine noise hits both; the report gives each side's median step time, the ratio of medians with
-the spread of per-round ratios [p10, p90], and the framework's per-part times from its own timers
-(data, forward, backward, optimizer, the rest as bookkeeping), with --json.
+in nanoGPT's two parameter groups), `zero_grad` — and on several processes one flat gradient
+all-reduce, copied back into the gradients (a bare data-parallel loop). Rounds alternate between
+the two, by default step by step, so machine noise hits both; the report gives each side's median
+step time, the ratio of medians with the spread of per-round ratios [p10, p90], and the
+framework's per-part times from its own timers (data, forward, backward, optimizer, the rest as
+bookkeeping), with --json.
 
     python tools/bench_train.py                           # the small shape (20-50 ms on 2 cores)
     python tools/bench_train.py --shape quickstart --moe  # the quickstart model
@@ -42,19 +43,27 @@ SHAPES = {
     "gpt2-small": (12, 768, 12, 1024, 1, 50257),
 }
 
+ROUNDS = {"small": 100, "quickstart": 20, "gpt2-small": 5}  # about 10-60 s on 2 CPU cores
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--moe", action="store_true", help="8 experts, top-2, self-routing")
-    p.add_argument("--rounds", type=int, default=7, help="alternations framework/bare")
-    p.add_argument("--steps", type=int, default=5, help="steps per side per round")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternations framework/bare (default by shape: " + ", ".join(
+                       f"{k} {v}" for k, v in ROUNDS.items()) + ")")
+    p.add_argument("--steps", type=int, default=1,
+                   help="steps per side per round (1: the sides alternate step by step, so "
+                   "the machine's drift hits both alike)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--json", default=None, help="also write the report here")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    if args.rounds is None:
+        args.rounds = ROUNDS[args.shape]
     for name in ("rounds", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -124,7 +133,9 @@ def main(argv=None) -> dict:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
-            flat /= world  # the bytes a bare data-parallel loop moves (not copied back)
+            flat /= world  # the mean gradient, back into each .grad (as DDP's buckets end)
+            parts = flat.split([g.numel() for g in grads])
+            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(parts, grads, strict=True)])
         if tr.clip_grad > 0:  # the same optimizer configuration: clipping as nanoGPT does it
             torch.nn.utils.clip_grad_norm_(params, tr.clip_grad)
         opt.step()
@@ -155,10 +166,13 @@ def main(argv=None) -> dict:
         bare += b
         ratios.append(statistics.median(f) / statistics.median(b))
         done = r + 1
+        if done % max(args.rounds // 10, 1) and done != args.rounds:
+            continue  # about ten progress lines
         eta = (time.time() - t0) / done * (args.rounds - done)
-        print_rank0(f"[bench_train] round {done}/{args.rounds}: framework "
-                    f"{1000 * statistics.median(f):.1f} ms, bare {1000 * statistics.median(b):.1f}"
-                    f" ms, ratio {ratios[-1]:.3f} (ETA {eta:.0f} s)")
+        fmed, bmed = statistics.median(fw), statistics.median(bare)
+        print_rank0(f"[bench_train] round {done}/{args.rounds}: medians so far framework "
+                    f"{1000 * fmed:.1f} ms, bare {1000 * bmed:.1f} ms, ratio {fmed / bmed:.3f} "
+                    f"(ETA {eta:.0f} s)")
     fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
     part_ms = {k: statistics.median(v) for k, v in parts.items()}
     part_ms["bookkeeping"] = max(fw_ms - sum(part_ms.values()), 0.0)
