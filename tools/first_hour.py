@@ -6,8 +6,10 @@ Runs pretrain_gpt.py's own code (in this process, one rank) on a small MoE GPT (
 PASS/FAIL line per check, with --json:
 
 1. **fp32 on this device vs the CPU**: the per-step losses against the same run's fp32 CPU losses
-   recorded in the repository (tools/reference/first_hour_cpu.json); max |difference| over the
-   50 steps <= FP32_VS_CPU.
+   recorded in the repository (tools/reference/first_hour_cpu.json), in two windows: max
+   |difference| over the first EARLY_STEPS steps <= FP32_VS_CPU_EARLY (before routing
+   decisions near a tie have had time to flip and compound), and over all 50 steps <=
+   FP32_VS_CPU.
 2. **bf16 drift**: bf16 against fp32 on this device; max |difference| <= BF16_VS_FP32.
 3. **determinism**: two fp32 runs under --deterministic give bit-identical losses.
 
@@ -38,7 +40,13 @@ sys.path.insert(0, str(REPO))
 REFERENCE = REPO / "tools" / "reference" / "first_hour_cpu.json"
 
 # Pre-registered bounds (absolute, on the lm loss, in nats; the loss starts near ln 4096 = 8.3).
-FP32_VS_CPU = 1e-3
+# Revised 2026-12-02 (fourth session), still before any GPU run: the 50-step fp32 bound was
+# 1e-3, set from reordered sums on one CPU (4.8e-7), but this run on another CPU (AMX instead of
+# AVX-512, the same torch) leaves the AVX-512 reference at step 22 (a route flipping, 8e-5)
+# and drifts to 2.6e-3 by step 49, while its first 16 steps are bit-identical.
+EARLY_STEPS = 10
+FP32_VS_CPU_EARLY = 1e-3
+FP32_VS_CPU = 1e-2
 BF16_VS_FP32 = 0.05
 
 STEPS = 50
@@ -121,9 +129,13 @@ def check(steps: int, use_reference: bool, reference: Path = REFERENCE) -> dict:
         if ref["argv"] != run_argv(steps, []):
             raise SystemExit(f"first_hour: {reference} was recorded for another run (argv "
                              "differs): --record-reference on a CPU, or --no-reference")
+        where = f"(reference: {ref['device']}, torch {ref['torch']})"
+        early = min(EARLY_STEPS, steps)
+        verdict(f"fp32 vs CPU reference, steps 1-{early}",
+                max_abs(fp32[:early], ref["losses"][:early]), FP32_VS_CPU_EARLY,
+                f"max |loss - CPU loss| over the first {early} steps {where}")
         verdict("fp32 vs CPU reference", max_abs(fp32, ref["losses"]), FP32_VS_CPU,
-                f"max |loss - CPU loss| over {steps} steps (reference: {ref['device']}, "
-                f"torch {ref['torch']})")
+                f"max |loss - CPU loss| over {steps} steps {where}")
     verdict("bf16 vs fp32", max_abs(fp32, losses(steps, ["--bf16"])), BF16_VS_FP32,
             f"max |bf16 loss - fp32 loss| over {steps} steps")
     det = [losses(steps, ["--deterministic"]) for _ in range(2)]
