@@ -581,16 +581,19 @@ class Trainer:
 
     def _exit_reason(self) -> Optional[str]:
         tr = self.cfg.train
-        flags = torch.tensor([
-            1.0 if self.exit_signal.received else 0.0,
-            1.0 if (tr.exit_duration_in_mins and
-                    (time.time() - self.start_time) / 60 >= tr.exit_duration_in_mins) else 0.0,
-        ])
-        flags = all_reduce_small(flags, op=dist.ReduceOp.MAX)
-        if flags[0] > 0:
-            return "SIGTERM received (--exit-signal-handler)"
-        if flags[1] > 0:
-            return f"--exit-duration-in-mins {tr.exit_duration_in_mins} reached"
+        # The signal and wall-time verdicts must agree on every rank: one all-reduce per step,
+        # only when either exit is asked for (as Megatron's loop does).
+        if tr.exit_signal_handler or tr.exit_duration_in_mins:
+            flags = torch.tensor([
+                1.0 if self.exit_signal.received else 0.0,
+                1.0 if (tr.exit_duration_in_mins and (time.time() - self.start_time) / 60
+                        >= tr.exit_duration_in_mins) else 0.0,
+            ])
+            signal_seen, time_up = all_reduce_small(flags, op=dist.ReduceOp.MAX).tolist()
+            if signal_seen > 0:
+                return "SIGTERM received (--exit-signal-handler)"
+            if time_up > 0:
+                return f"--exit-duration-in-mins {tr.exit_duration_in_mins} reached"
         if tr.exit_interval and self.state.iteration % tr.exit_interval == 0:
             return f"--exit-interval {tr.exit_interval}"
         return None

@@ -1,6 +1,7 @@
 """pretrain_gpt.py end to end on 2 gloo processes (EP=2): the loss falls on the real corpus for
 every router, resume is bit-exact (ZeRO 0 and 2, all routers, dropout on), the engine saves experts
-one file per global expert, and gradient accumulation equals a bigger micro-batch."""
+one file per global expert, --exit-duration-in-mins saves and stops both ranks, and gradient
+accumulation equals a bigger micro-batch."""
 import os
 
 import pytest
@@ -30,8 +31,21 @@ def two_proc_runs(tmp_path_factory, shakespeare_prefix):
                       base + ["--load", ckpt, "--save", ckpt]]
             keys += [("straight", router, zero), ("first", router, zero),
                      ("resumed", router, zero)]
+    # wall-time exit: both ranks stop after the first step and save it
+    argvs.append(MOCK + EP2 + ["--train-iters", "50", "--exit-duration-in-mins", "1e-9",
+                               "--save", str(tmp / "ckpt_walltime")])
+    keys.append(("walltime",))
     results = run_layout(tmp / "runs", 2, argvs, timeout=900)
     return dict(zip(keys, results, strict=True)), tmp
+
+
+def test_exit_duration_saves_and_stops_every_rank(two_proc_runs):
+    runs, tmp = two_proc_runs
+    run = runs[("walltime",)]
+    assert run["iteration"] == 1 and sorted(run["losses"]) == ["1"], run
+    assert run["exit"] == "--exit-duration-in-mins 1e-09 reached", run
+    tag = (tmp / "ckpt_walltime" / "latest_checkpointed_iteration.txt").read_text().strip()
+    assert tag == "iter_0000001"
 
 
 @pytest.mark.parametrize("router", ROUTERS)
