@@ -4,9 +4,10 @@ The limit is one dense FFN (the same expert shape) over all T*k routed token-slo
 MoE layer would cost. For each dispatcher and each routing imbalance (the max expert fraction is
 set by biasing a learned router's logits towards expert 0), forward+backward time is divided by the
 limit's (interleaved repetitions, median and spread), and the bytes of tensors saved for backward
-(saved-tensor hooks; `max_memory_allocated` on GPU) are divided by the limit's. `--world 2` also
-measures the bytes the all-to-all sends (count exchange included, rows kept for local experts
-excluded) over the bytes that must move (rows routed to another rank's experts, there and back).
+(saved-tensor hooks; on GPU the peak allocation above the step's start) are divided by the
+limit's. `--world 2` also measures the bytes the all-to-all sends (count exchange included, rows
+kept for local experts excluded) over the bytes that must move (rows routed to another rank's
+experts, there and back).
 `--train` reports tokens/s of a small MoE GPT training run per dispatcher and router.
 
     python tools/bench_moe.py                      # GPT-2 small shapes, fp32 (bf16 on GPU)
@@ -125,10 +126,18 @@ def step_time(fn, device) -> float:
 
 
 def peak_memory(fn, device, params) -> int:
+    """CPU: saved activation bytes. CUDA: the step's peak allocation above what was allocated
+    before it. A first step makes the parameter (and input) gradients, which the measured step
+    accumulates into in place, so weights and their gradients count on neither side; without
+    the baseline every layer built so far would count."""
     if device.startswith("cuda"):
+        fn().float().sum().backward()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn().float().sum().backward()
-        return torch.cuda.max_memory_allocated()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     return saved_bytes(fn, params)
 
 

@@ -13,7 +13,7 @@ all-reduce, copied back into the gradients (a bare data-parallel loop). Rounds a
 the two, by default step by step, so machine noise hits both; the report gives each side's median
 step time, the ratio of medians with the spread of per-round ratios [p10, p90], and the
 framework's per-part times from its own timers (data, forward, backward, optimizer, the rest as
-bookkeeping), with --json.
+bookkeeping; on CPU only: on CUDA the timers would synchronise the device), with --json.
 
     python tools/bench_train.py                           # the small shape (20-50 ms on 2 cores)
     python tools/bench_train.py --shape quickstart --moe  # the quickstart model
@@ -72,13 +72,13 @@ def parse_args(argv):
     return args, extra
 
 
-def trainer_argv(args, extra) -> list[str]:
+def trainer_argv(args, extra, timers: bool = True) -> list[str]:
     layers, hidden, heads, seq, mb, vocab = SHAPES[args.shape]
     argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads",
             str(heads), "--seq-length", str(seq), "--micro-batch-size", str(mb),
             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab),
             "--train-iters", str(10**6), "--log-interval", "10", "--eval-interval", str(10**6),
-            "--eval-iters", "0", "--timing-log-level", "1", "--lr", "1e-4"]
+            "--eval-iters", "0", "--timing-log-level", "1" if timers else "0", "--lr", "1e-4"]
     if args.moe:
         argv += ["--num-experts", "8", "--moe-router-topk", "2", "--router-type", "self"]
     return argv + list(extra)
@@ -101,7 +101,10 @@ def main(argv=None) -> dict:
     from megatron_selfroute.training.logging import print_rank0
     from megatron_selfroute.training.loop import Trainer, _to_device
 
-    cfg, _ = trainer_args(trainer_argv(args, extra))
+    # On CUDA the part timers synchronise the device at every start and stop (as Megatron's),
+    # which the bare loop does not: there the framework runs untimed and its parts are not
+    # reported.
+    cfg, _ = trainer_args(trainer_argv(args, extra, timers=not torch.cuda.is_available()))
     layout = ParallelLayout.from_config(cfg)
     trainer = Trainer.setup(cfg, pretrain_gpt.make_task(cfg), layout)
     engine, model = trainer.engine, trainer.engine.module
@@ -175,7 +178,8 @@ def main(argv=None) -> dict:
                     f"(ETA {eta:.0f} s)")
     fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
     part_ms = {k: statistics.median(v) for k, v in parts.items()}
-    part_ms["bookkeeping"] = max(fw_ms - sum(part_ms.values()), 0.0)
+    if part_ms:
+        part_ms["bookkeeping"] = max(fw_ms - sum(part_ms.values()), 0.0)
     report = {
         "shape": args.shape, "moe": args.moe, "world": world, "extra_flags": extra,
         "framework_ms": fw_ms, "bare_ms": bare_ms, "ratio": fw_ms / bare_ms,
@@ -185,8 +189,8 @@ def main(argv=None) -> dict:
     print_rank0(f"[bench_train] {args.shape} {'MoE' if args.moe else 'dense'} x{world}: "
                 f"framework {fw_ms:.1f} ms, bare {bare_ms:.1f} ms per step, ratio "
                 f"{report['ratio']:.3f} [p10 {report['ratio_p10']:.3f}, p90 "
-                f"{report['ratio_p90']:.3f}]; parts (ms): " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in part_ms.items()))
+                f"{report['ratio_p90']:.3f}]; parts (ms): " + (", ".join(
+                    f"{k} {v:.1f}" for k, v in part_ms.items()) or "n/a (untimed on CUDA)"))
     if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

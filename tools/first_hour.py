@@ -35,6 +35,10 @@ import platform
 import sys
 from pathlib import Path
 
+# Before torch makes its first cuBLAS handle: cuBLAS reads its workspace setting once per
+# process, and the --deterministic runs below come after fp32 and bf16 runs that made it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 REFERENCE = REPO / "tools" / "reference" / "first_hour_cpu.json"
@@ -123,7 +127,17 @@ def check(steps: int, use_reference: bool, reference: Path = REFERENCE) -> dict:
         results["checks"][name] = {"value": value, "bound": bound, "pass": ok}
         print(f"{'PASS' if ok else 'FAIL'} {name}: {detail} {value:.3g} (bound {bound:g})")
 
-    fp32 = losses(steps, [])
+    def attempt(extra: list[str]) -> list[float]:
+        """The run's losses; a run that crashes gives NaN losses (its check fails, the others
+        still run) and one line naming the error."""
+        try:
+            return losses(steps, extra)
+        except Exception as e:  # noqa: BLE001 - every check must still report
+            print(f"[first_hour] the run with {extra or 'no extra flags'} failed: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return [math.nan] * steps
+
+    fp32 = attempt([])
     if use_reference:
         ref = json.loads(reference.read_text())
         if ref["argv"] != run_argv(steps, []):
@@ -136,9 +150,9 @@ def check(steps: int, use_reference: bool, reference: Path = REFERENCE) -> dict:
                 f"max |loss - CPU loss| over the first {early} steps {where}")
         verdict("fp32 vs CPU reference", max_abs(fp32, ref["losses"]), FP32_VS_CPU,
                 f"max |loss - CPU loss| over {steps} steps {where}")
-    verdict("bf16 vs fp32", max_abs(fp32, losses(steps, ["--bf16"])), BF16_VS_FP32,
+    verdict("bf16 vs fp32", max_abs(fp32, attempt(["--bf16"])), BF16_VS_FP32,
             f"max |bf16 loss - fp32 loss| over {steps} steps")
-    det = [losses(steps, ["--deterministic"]) for _ in range(2)]
+    det = [attempt(["--deterministic"]) for _ in range(2)]
     diff = max_abs(det[0], det[1])
     verdict("determinism", diff, 0.0, "max |difference| of two --deterministic runs")
     results["fp32_losses"] = fp32
@@ -177,6 +191,9 @@ def main(argv=None) -> int:
     else:
         out = check(args.steps, use_reference=not args.no_reference, reference=args.reference)
         failed = not all(c["pass"] for c in out["checks"].values())
+    from megatron_selfroute.parallel.groups import shutdown
+
+    shutdown()  # the runs' process group (NCCL on a GPU), destroyed before the interpreter exits
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 1 if failed else 0

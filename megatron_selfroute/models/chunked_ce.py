@@ -122,8 +122,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = torch.exp((h @ w.t()).float() - lse[lo:hi, None])
             lab = labels[lo:hi]
             valid = lab != IGNORE_INDEX
-            rows = torch.arange(hi - lo, device=h.device)
-            probs[rows[valid], lab[valid]] -= 1.0
+            # minus one at each valid label (ignored rows add -0.0): no host sync, unlike
+            # indexing with the boolean mask
+            probs.scatter_add_(1, lab.clamp(min=0).unsqueeze(1),
+                               -valid.to(probs.dtype).unsqueeze(1))
             g = (probs * (grad_losses[lo:hi] * valid)[:, None]).to(h.dtype)
             if grad_hidden is not None:
                 grad_hidden[lo:hi] = g @ w

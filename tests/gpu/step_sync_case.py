@@ -52,6 +52,9 @@ def main() -> None:
               f"{acc[0].item():.4f}, non-finite {int(acc[2].item())}")
     finally:
         trainer.close()
+        from megatron_selfroute.parallel.groups import shutdown
+
+        shutdown()  # the process group (NCCL on a GPU), destroyed before the interpreter exits
 
 
 if __name__ == "__main__":

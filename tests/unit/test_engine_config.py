@@ -37,3 +37,58 @@ def test_deepspeed_config_from_flags():
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
     cfg.parallel.zero_stage, cfg.train.bf16 = 0, False  # ZeRO-0 fp32: exact clipping is ours
     assert deepspeed_config(cfg, ParallelLayout(world_size=4))["gradient_clipping"] == 0.0
+
+
+SYNC_CODE = r"""
+import torch
+from deepspeed.accelerator import get_accelerator
+from megatron_selfroute.arguments import parse_args
+from megatron_selfroute.models.gpt import GPTModel, parallelize_gpt
+from megatron_selfroute.parallel.engine import build_engine
+from megatron_selfroute.parallel.layout import ParallelLayout, private_process_group
+from megatron_selfroute.training.loop import resolve_config
+
+argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "8", "--max-position-embeddings", "8", "--mock-data",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--micro-batch-size", "2",
+        "--train-iters", "4"]
+acc = get_accelerator()
+calls = []
+plain = acc.synchronize
+acc.synchronize = lambda *a, **k: (calls.append(1), plain(*a, **k))[1]
+counts = []
+with private_process_group():
+    for extra in (None, {"timers": {"throughput": {"enabled": True}}}):
+        cfg, _ = parse_args(argv)
+        layout = ParallelLayout.from_config(cfg).build_groups()
+        cfg = resolve_config(cfg, layout)
+        engine = build_engine(parallelize_gpt(GPTModel(cfg, init=False), layout), cfg, layout,
+                              extra)
+        tokens = torch.arange(16).view(2, 8)
+        del calls[:]
+        for _ in range(4):  # DeepSpeed's timer starts at its step 2
+            out = engine(tokens, labels=tokens)
+            engine.backward(out.loss.mean())
+            engine.step()
+        counts.append(len(calls))
+print("counts", counts)
+"""
+
+
+def test_deepspeed_throughput_timer_never_synchronises_the_device():
+    """DeepSpeed's throughput timer (on by default) synchronises the device at every forward
+    and step; the generated config turns it off (a user JSON may turn it back on)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import ROOT
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", SYNC_CODE], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, deepspeed_default = eval(proc.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+    assert ours == 0 and deepspeed_default > 0, (ours, deepspeed_default)
