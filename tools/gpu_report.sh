@@ -74,6 +74,24 @@ if command -v nvidia-smi > /dev/null; then  # the card's state as found (clocks,
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
     --format=csv,noheader 2>/dev/null | sed 's/^/nvidia-smi: /' >> "$OUT/device.txt" || true
 fi
+if ! grep -q "no CUDA" "$OUT/device.txt"; then  # what every training stage needs, named early
+  timeout 60 "$PYTHON" - >> "$OUT/device.txt" 2> /dev/null <<'PY' || echo "nccl: check crashed or timed out" >> "$OUT/device.txt"
+import os, torch, torch.distributed as dist
+cap = torch.cuda.get_device_capability()
+print(f"capability: {cap[0]}.{cap[1]} | torch._grouped_mm: "
+      f"{'present' if hasattr(torch, '_grouped_mm') else 'absent (the loop is used)'}")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+try:  # the training stages' backend, at one rank
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    t = torch.ones(4, device="cuda")
+    dist.all_reduce(t)
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+    print("nccl: ok (one-rank all-reduce)")
+except Exception as e:  # noqa: BLE001 - reported, the stages then show what follows
+    print(f"nccl: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+PY
+fi
 cat "$OUT/device.txt"
 if grep -q "no CUDA" "$OUT/device.txt"; then
   if [ "$SMOKE" != 1 ]; then
