@@ -180,9 +180,12 @@ def main(argv=None) -> dict:
     if level:  # the parts: framework steps of their own, under the part timers (not timed above)
         trainer.timers.pop_ms(1)
         for _ in range(max(10, args.rounds * args.steps // 4)):
-            framework_step()
-            for k, v in trainer.timers.pop_ms(1).items():
+            step = trainer.train_step()
+            for k, v in trainer.timers.pop_ms(1).items():  # before `log` pops them itself
                 parts.setdefault(k, []).append(v)
+            trainer.record(step)
+            trainer.log(step)
+            trainer.evaluate_save_exit()
     fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
     part_ms = {k: statistics.median(v) for k, v in parts.items()}
     if part_ms:

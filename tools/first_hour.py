@@ -23,7 +23,8 @@ bf16's drift against fp32 on the CPU.
     python tools/first_hour.py --calibrate          # CPU only: the drifts behind the bounds
     python tools/first_hour.py --steps 10 --no-reference   # SMOKE: the script itself, any device
 
-Exit status: 0 all checks pass, 1 a check fails, 2 a bad argument or a run that cannot start.
+Exit status: 0 all checks pass, 3 a check fails (a result), 2 a bad argument or a run that cannot
+start, 1 anything else that went wrong (an uncaught error).
 """
 from __future__ import annotations
 
@@ -141,8 +142,9 @@ def check(steps: int, use_reference: bool, reference: Path = REFERENCE) -> dict:
     if use_reference:
         ref = json.loads(reference.read_text())
         if ref["argv"] != run_argv(steps, []):
-            raise SystemExit(f"first_hour: {reference} was recorded for another run (argv "
-                             "differs): --record-reference on a CPU, or --no-reference")
+            print(f"first_hour: {reference} was recorded for another run (argv differs): "
+                  "--record-reference on a CPU, or --no-reference", file=sys.stderr)
+            raise SystemExit(2)
         where = f"(reference: {ref['device']}, torch {ref['torch']})"
         early = min(EARLY_STEPS, steps)
         verdict(f"fp32 vs CPU reference, steps 1-{early}",
@@ -191,12 +193,15 @@ def main(argv=None) -> int:
     else:
         out = check(args.steps, use_reference=not args.no_reference, reference=args.reference)
         failed = not all(c["pass"] for c in out["checks"].values())
-    from megatron_selfroute.parallel.groups import shutdown
-
-    shutdown()  # the runs' process group (NCCL on a GPU), destroyed before the interpreter exits
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    return 1 if failed else 0
+    from megatron_selfroute.parallel.groups import shutdown
+
+    try:  # the runs' process group (NCCL on a GPU), destroyed before the interpreter exits
+        shutdown()
+    except Exception as e:  # noqa: BLE001 - the results are written; say why the end failed
+        print(f"[first_hour] shutting the process group down failed: {type(e).__name__}: {e}")
+    return 3 if failed else 0
 
 
 def _cuda() -> bool:

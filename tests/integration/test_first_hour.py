@@ -2,7 +2,7 @@
 CPU reference with step 4's loss moved by 0.005 and step 31's by 0.05: the early-window fp32
 check must report step 4's difference (so it reads steps 1-10 and only those) and the 50-step
 check step 31's (so the other steps matched within the bounds), both failing with exit status
-1, while the bf16 drift and --deterministic checks pass; a file that is not a reference is
+3, while the bf16 drift and --deterministic checks pass; a file that is not a reference is
 refused in one line with exit status 2."""
 import json
 import subprocess
@@ -22,7 +22,7 @@ def test_fp32_check_compares_every_step_and_can_fail(tmp_path):
     out = tmp_path / "fh.json"
     proc = subprocess.run([sys.executable, str(TOOL), "--reference", str(moved), "--json",
                            str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     checks = json.loads(out.read_text())["checks"]
     early = checks["fp32 vs CPU reference, steps 1-10"]
     assert not early["pass"] and abs(early["value"] - 0.005) < 5e-4, early
