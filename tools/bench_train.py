@@ -124,8 +124,10 @@ def main(argv=None) -> dict:
     tokens, labels = batch["tokens"], batch["labels"]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def framework_step():
+    def framework_step(after_train_step=None):
         step = trainer.train_step()
+        if after_train_step is not None:
+            after_train_step()
         trainer.record(step)
         trainer.log(step)
         trainer.evaluate_save_exit()
@@ -178,14 +180,13 @@ def main(argv=None) -> dict:
                     f"(ETA {eta:.0f} s)")
     trainer.timers.level = level
     if level:  # the parts: framework steps of their own, under the part timers (not timed above)
+        def sample():  # after the step, before `log` pops the timers itself
+            for k, v in trainer.timers.pop_ms(1).items():
+                parts.setdefault(k, []).append(v)
+
         trainer.timers.pop_ms(1)
         for _ in range(max(10, args.rounds * args.steps // 4)):
-            step = trainer.train_step()
-            for k, v in trainer.timers.pop_ms(1).items():  # before `log` pops them itself
-                parts.setdefault(k, []).append(v)
-            trainer.record(step)
-            trainer.log(step)
-            trainer.evaluate_save_exit()
+            framework_step(sample)
     fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
     part_ms = {k: statistics.median(v) for k, v in parts.items()}
     if part_ms:
