@@ -1,8 +1,11 @@
 """Test-wide environment: offline hubs, a temporary HF_HOME, DeepSpeed on CPU without JIT ops."""
+import atexit
 import os
+import shutil
 import tempfile
 
 _TMP = tempfile.mkdtemp(prefix="msr_test_home_")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", os.path.join(_TMP, "hf"))

@@ -15,6 +15,7 @@ from megatron_selfroute.data.indexed_dataset import IndexedDataset
 from megatron_selfroute.moe.router import balanced_hash_table
 from tests.distributed.harness import check, spawn
 from tests.distributed.train_cases import MOCK, real_data
+from tests.scratch import module_dir
 
 EP2 = ["--expert-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size",
        "4"]
@@ -37,8 +38,8 @@ RESUMED = {  # name -> flags: straight vs first half + resume
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shakespeare_prefix):
-    tmp = tmp_path_factory.mktemp("balancing")
+def runs(request, tmp_path_factory, shakespeare_prefix):
+    tmp = module_dir(request, tmp_path_factory, "balancing")
     data = real_data(shakespeare_prefix)
     argvs, keys = [], []
 

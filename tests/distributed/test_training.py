@@ -8,14 +8,15 @@ import pytest
 
 from megatron_selfroute.moe.router import BUILTIN_ROUTERS
 from tests.distributed.train_cases import MOCK, real_data, run_layout
+from tests.scratch import module_dir
 
 ROUTERS = list(BUILTIN_ROUTERS)
 EP2 = ["--expert-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
-def two_proc_runs(tmp_path_factory, shakespeare_prefix):
-    tmp = tmp_path_factory.mktemp("train2")
+def two_proc_runs(request, tmp_path_factory, shakespeare_prefix):
+    tmp = module_dir(request, tmp_path_factory, "train2")
     data = real_data(shakespeare_prefix)
     argvs, keys = [], []
     for router in ROUTERS:  # loss falls

@@ -16,6 +16,7 @@ from scipy import stats
 
 from tests.integration.helpers import ROOT
 from tests.launch.helpers import launch_env
+from tests.scratch import module_dir
 
 ROWS, SEEDS = ["self", "learned"], [0, 1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -37,8 +38,8 @@ def sweep(tmp_path, prefix, *extra):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, shakespeare_prefix):
-    tmp = tmp_path_factory.mktemp("sweep")
+def swept(request, tmp_path_factory, shakespeare_prefix):
+    tmp = module_dir(request, tmp_path_factory, "sweep")
     first = sweep(tmp, shakespeare_prefix)
     table_md = (tmp / "sweep" / "table" / "table.md").read_text()
     second = sweep(tmp, shakespeare_prefix)
