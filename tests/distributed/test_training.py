@@ -29,7 +29,7 @@ def two_proc_runs(request, tmp_path_factory, shakespeare_prefix):
                                  "4", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
             ckpt = str(tmp / f"ckpt_{router}_{zero}")
             argvs += [base, base + ["--save", ckpt, "--exit-interval", "2"],
-                      base + ["--load", ckpt, "--save", ckpt]]
+                      base + ["--load", ckpt, "--save", ckpt, "--keep-last", "1"]]
             keys += [("straight", router, zero), ("first", router, zero),
                      ("resumed", router, zero)]
     # wall-time exit: both ranks stop after the first step and save it
@@ -83,6 +83,9 @@ def test_engine_saves_experts_per_global_id(two_proc_runs):
             assert f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" in files
     assert not any(name.endswith(".tmp") for name in os.listdir(ckpt))
     assert not (ckpt / "latest").exists(), "DeepSpeed's own pointer must not be written"
+    # the resumed run saved into the directory it loaded from and pruned the checkpoint it
+    # resumed (--keep-last 1; also keeps this module's ten checkpoints at half the disk)
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == [tag]
 
 
 def test_gradient_accumulation_equals_bigger_micro_batch(tmp_path):
