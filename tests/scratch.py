@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 
-def module_dir(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, name: str) -> Path:
-    """`factory.mktemp(name)`, removed when the requesting fixture's scope ends with no new
-    failure or error in the session."""
-    path = factory.mktemp(name)
+def module_dir(request: pytest.FixtureRequest, name: str) -> Path:
+    """`tmp_path_factory.mktemp(name)`, removed when the requesting fixture's scope ends with no
+    new failure or error in the session."""
+    path = request.getfixturevalue("tmp_path_factory").mktemp(name)
     failed_before = request.session.testsfailed
 
     def drop():

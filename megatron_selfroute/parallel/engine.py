@@ -163,8 +163,7 @@ def clip_gradients_stage0(model: torch.nn.Module, max_norm: float, layout: Paral
     device = grads[0].device if grads else "cpu"
     # Per-tensor norms with the multi-tensor kernel (float64 accumulation made the kernel 7x
     # slower on CPU, 1.6 ms more of a 40 ms step at bench_train's small shape), squared and
-    # summed in float64;
-    # the sums stay on the gradients' device: one host read (the norm) per step.
+    # summed in float64; the sums stay on the gradients' device: one host read (the norm) a step.
     acc_dtype = torch.float64 if fp64 else torch.float32
 
     def sq_sum(grads):

@@ -38,8 +38,8 @@ RESUMED = {  # name -> flags: straight vs first half + resume
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory, shakespeare_prefix):
-    tmp = module_dir(request, tmp_path_factory, "balancing")
+def runs(request, shakespeare_prefix):
+    tmp = module_dir(request, "balancing")
     data = real_data(shakespeare_prefix)
     argvs, keys = [], []
 

@@ -15,8 +15,8 @@ EP2 = ["--expert-model-parallel-size", "2", "--micro-batch-size", "2", "--global
 
 
 @pytest.fixture(scope="module")
-def two_proc_runs(request, tmp_path_factory, shakespeare_prefix):
-    tmp = module_dir(request, tmp_path_factory, "train2")
+def two_proc_runs(request, shakespeare_prefix):
+    tmp = module_dir(request, "train2")
     data = real_data(shakespeare_prefix)
     argvs, keys = [], []
     for router in ROUTERS:  # loss falls

@@ -38,8 +38,8 @@ def sweep(tmp_path, prefix, *extra):
 
 
 @pytest.fixture(scope="module")
-def swept(request, tmp_path_factory, shakespeare_prefix):
-    tmp = module_dir(request, tmp_path_factory, "sweep")
+def swept(request, shakespeare_prefix):
+    tmp = module_dir(request, "sweep")
     first = sweep(tmp, shakespeare_prefix)
     table_md = (tmp / "sweep" / "table" / "table.md").read_text()
     second = sweep(tmp, shakespeare_prefix)
