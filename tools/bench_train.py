@@ -11,11 +11,13 @@ the same model object on the same (pre-collated) batch: forward, `loss.backward(
 in nanoGPT's two parameter groups), `zero_grad` — and on several processes one flat gradient
 all-reduce, copied back into the gradients (a bare data-parallel loop). Rounds alternate between
 the two, by default step by step, so machine noise hits both; the report gives each side's median
-step time, the ratio of medians with the spread of per-round ratios [p10, p90], and the
-framework's per-part times (data, forward, backward, optimizer, the rest as bookkeeping), with
---json. The timed framework steps run at the default --timing-log-level 0, as a user's run
-does; the parts come from the trainer's own timers over steps of their own after the rounds
-(on CPU only: on CUDA those timers synchronise the device).
+step time, the ratio of medians with its 95% interval (a paired percentile bootstrap over the
+interleaved steps: how well the run pins the ratio down) and the spread of per-round ratios
+[p10, p90] (how much single steps vary), and the framework's per-part times (data, forward,
+backward, optimizer, the rest as bookkeeping), with --json. The timed framework steps run at
+the default --timing-log-level 0, as a user's run does; the parts come from the trainer's own
+timers over steps of their own after the rounds (on CPU only: on CUDA those timers synchronise
+the device).
 
     python tools/bench_train.py                           # the small shape (20-50 ms on 2 cores)
     python tools/bench_train.py --shape quickstart --moe  # the quickstart model
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -45,7 +48,9 @@ SHAPES = {
     "gpt2-small": (12, 768, 12, 1024, 1, 50257),
 }
 
-ROUNDS = {"small": 100, "quickstart": 20, "gpt2-small": 5}  # about 10-60 s on 2 CPU cores
+# about 30-90 s on 2 CPU cores; at the small shape 300 alternations pin the ratio of medians to
+# about +-0.02 (95%) on a noisy 2-core VM, where single steps vary by +-0.15
+ROUNDS = {"small": 300, "quickstart": 20, "gpt2-small": 5}
 
 
 def parse_args(argv):
@@ -89,6 +94,23 @@ def trainer_argv(args, extra, timers: bool = True) -> list[str]:
 def pct(values, q):
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def ratio_interval(fw: list[float], bare: list[float], level: float = 0.95,
+                   resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The percentile-bootstrap interval of median(fw) / median(bare), resampling the pairs
+    (fw[i], bare[i]) — step i of each side, taken back to back — together. Hand-written because
+    the sealed GPU machine may lack scipy; tests/unit/test_bench_train_stats.py checks it against
+    `scipy.stats.bootstrap`."""
+    if len(fw) != len(bare) or not fw:
+        raise ValueError("ratio_interval needs two equally long, non-empty samples")
+    rng, n, med = random.Random(seed), len(fw), statistics.median
+    stats = []
+    for _ in range(resamples):
+        idx = rng.choices(range(n), k=n)
+        stats.append(med([fw[i] for i in idx]) / med([bare[i] for i in idx]))
+    tail = (1 - level) / 2
+    return pct(stats, tail), pct(stats, 1 - tail)
 
 
 def main(argv=None) -> dict:
@@ -189,17 +211,20 @@ def main(argv=None) -> dict:
             framework_step(sample)
     fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
     part_ms = {k: statistics.median(v) for k, v in parts.items()}
+    ci_low, ci_high = ratio_interval(fw, bare)
     if part_ms:
         part_ms["bookkeeping"] = max(fw_ms - sum(part_ms.values()), 0.0)
     report = {
         "shape": args.shape, "moe": args.moe, "world": world, "extra_flags": extra,
         "framework_ms": fw_ms, "bare_ms": bare_ms, "ratio": fw_ms / bare_ms,
+        "ratio_ci95": [ci_low, ci_high],
         "ratio_p10": pct(ratios, 0.1), "ratio_p90": pct(ratios, 0.9),
         "framework_parts_ms": part_ms, "rounds": args.rounds, "steps": args.steps,
     }
     print_rank0(f"[bench_train] {args.shape} {'MoE' if args.moe else 'dense'} x{world}: "
                 f"framework {fw_ms:.1f} ms, bare {bare_ms:.1f} ms per step, ratio "
-                f"{report['ratio']:.3f} [p10 {report['ratio_p10']:.3f}, p90 "
+                f"{report['ratio']:.3f} (95% interval {ci_low:.3f}-{ci_high:.3f}) "
+                f"[per round p10 {report['ratio_p10']:.3f}, p90 "
                 f"{report['ratio_p90']:.3f}]; parts (ms): " + (", ".join(
                     f"{k} {v:.1f}" for k, v in part_ms.items()) or "n/a (untimed on CUDA)"))
     if args.json and (not dist.is_initialized() or dist.get_rank() == 0):

@@ -22,6 +22,8 @@ def test_bench_train_reports_framework_and_bare_steps(tmp_path):
     assert rep["framework_ms"] > 0 and rep["bare_ms"] > 0
     assert rep["ratio"] == rep["framework_ms"] / rep["bare_ms"]
     assert rep["ratio_p10"] <= rep["ratio_p90"]
+    low, high = rep["ratio_ci95"]  # the bootstrap interval of the ratio, ordered
+    assert 0 < low <= high
     parts = rep["framework_parts_ms"]
     assert {"data", "forward", "backward", "optimizer", "bookkeeping"} <= set(parts)
     assert sum(parts.values()) >= rep["framework_ms"] * 0.999  # bookkeeping = the rest
