@@ -211,9 +211,9 @@ def main(argv=None) -> dict:
             framework_step(sample)
     fw_ms, bare_ms = 1000 * statistics.median(fw), 1000 * statistics.median(bare)
     part_ms = {k: statistics.median(v) for k, v in parts.items()}
-    ci_low, ci_high = ratio_interval(fw, bare)
     if part_ms:
         part_ms["bookkeeping"] = max(fw_ms - sum(part_ms.values()), 0.0)
+    ci_low, ci_high = ratio_interval(fw, bare)
     report = {
         "shape": args.shape, "moe": args.moe, "world": world, "extra_flags": extra,
         "framework_ms": fw_ms, "bare_ms": bare_ms, "ratio": fw_ms / bare_ms,
