@@ -3,10 +3,20 @@
 Each rank runs `module.CASES[name](ctx)` for every requested case and records per-case results
 (a dict of numbers/strings, or the exception text) as JSON; the parent returns them per case and
 rank. One failing case does not stop the others unless it breaks the process group.
+
+The ranks are forked from one `multiprocessing` fork server per test session that has imported
+torch, torch._dynamo, DeepSpeed and the trainer once (`_PRELOAD`): a fresh interpreter spends
+about 6 s of CPU on those imports alone, more than a tiny case's whole run, and the suite starts
+well over a hundred ranks. Each rank still is its own process with its own environment (set
+before any case runs), working directory, log file and gloo process group; the paths a user
+runs (`pretrain_gpt.py`, torchrun, the DeepSpeed launcher, the tools) are started as fresh
+processes by `launch_ranks` and the launch and CLI tests. Set MSR_TEST_FRESH_RANKS=1 to start
+every rank as a fresh interpreter instead (`python -m tests.distributed.harness`).
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -46,25 +56,31 @@ def spawn(world_size: int, module: str, cases: list[str], out_dir: Path, timeout
     """Run `cases` of `module` on `world_size` processes; returns {case: [result per rank]}."""
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    fresh = os.environ.get("MSR_TEST_FRESH_RANKS") == "1"
     procs = []
     for rank in range(world_size):
         e = dict(os.environ, **launcher_env(rank, world_size, port), OMP_NUM_THREADS="1",
                  PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         e.update(env or {})
-        log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed.harness", module, str(out_dir),
-             json.dumps(cases)], cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT), log))
+        log_path = out_dir / f"rank{rank}.log"
+        if fresh:
+            with open(log_path, "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "tests.distributed.harness", module, str(out_dir),
+                     json.dumps(cases)], cwd=ROOT, env=e, stdout=log,
+                    stderr=subprocess.STDOUT))
+        else:
+            p = _forkserver().Process(target=_forked_rank,
+                                      args=(e, str(log_path), module, str(out_dir), cases))
+            p.start()
+            procs.append(p)
     deadline = time.time() + timeout
-    for p, log in procs:
-        try:
-            p.wait(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            raise AssertionError(f"{module} timed out; logs in {out_dir}") from None
-        finally:
-            log.close()
+    for p in procs:
+        if _wait(p, max(1, deadline - time.time())):
+            continue
+        for q in procs:
+            q.kill()
+        raise AssertionError(f"{module} timed out; logs in {out_dir}")
     results: dict[str, list[dict]] = {c: [] for c in cases}
     for rank in range(world_size):
         path = out_dir / f"rank{rank}.json"
@@ -74,6 +90,55 @@ def spawn(world_size: int, module: str, cases: list[str], out_dir: Path, timeout
         for case, res in json.loads(path.read_text()).items():
             results[case].append(res)
     return results
+
+
+# What the fork server imports once; the ranks it forks find these modules loaded.
+_PRELOAD = ["torch", "torch._dynamo", "deepspeed", "megatron_selfroute.training.loop",
+            "pretrain_gpt", "pretrain_vit", "tests.distributed.train_cases"]
+_CTX = None
+
+
+def _forkserver():
+    """The session's fork server (started on first use, in this process's environment: the
+    test-wide one of tests/conftest.py, e.g. OMP_NUM_THREADS and DS_ACCELERATOR, which torch
+    and DeepSpeed read when imported)."""
+    global _CTX
+    if _CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        _CTX = ctx
+    return _CTX
+
+
+def _wait(p, timeout: float) -> bool:
+    """Whether `p` (a Popen or a multiprocessing Process) ended within `timeout` seconds."""
+    if isinstance(p, subprocess.Popen):
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    p.join(timeout)
+    return p.exitcode is not None
+
+
+def _forked_rank(env: dict, log_path: str, module: str, out_dir: str, cases: list[str]) -> None:
+    """A forked rank: the environment, working directory and log a fresh process would have
+    had, then the cases."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # the platform's default start method again (the fork server's children inherit its own):
+    # the DataLoader's workers start as they would in a fresh process
+    multiprocessing.set_start_method(None, force=True)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    _worker(module, out_dir, cases)
 
 
 def argv_cases(env_prefix: str, run, count: int = 64) -> dict:
