@@ -95,19 +95,16 @@ def spawn(world_size: int, module: str, cases: list[str], out_dir: Path, timeout
 # What the fork server imports once; the ranks it forks find these modules loaded.
 _PRELOAD = ["torch", "torch._dynamo", "deepspeed", "megatron_selfroute.training.loop",
             "pretrain_gpt", "pretrain_vit", "tests.distributed.train_cases"]
-_CTX = None
 
 
 def _forkserver():
-    """The session's fork server (started on first use, in this process's environment: the
-    test-wide one of tests/conftest.py, e.g. OMP_NUM_THREADS and DS_ACCELERATOR, which torch
-    and DeepSpeed read when imported)."""
-    global _CTX
-    if _CTX is None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
-        _CTX = ctx
-    return _CTX
+    """The session's fork server, multiprocessing's own singleton (started on first use, in this
+    process's environment: the test-wide one of tests/conftest.py, e.g. OMP_NUM_THREADS and
+    DS_ACCELERATOR, which torch and DeepSpeed read when imported; the preload list only matters
+    before that start)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def _wait(p, timeout: float) -> bool:
@@ -137,6 +134,7 @@ def _forked_rank(env: dict, log_path: str, module: str, out_dir: str, cases: lis
     multiprocessing.set_start_method(None, force=True)
     import torch
 
+    # the rank's thread count, not the one the server imported torch with
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
     _worker(module, out_dir, cases)
 
